@@ -1,0 +1,114 @@
+"""Generate images from a network pickle (ours or NVIDIA's stylegan2-ada-pytorch)."""
+
+import os
+import re
+
+import click
+import numpy as np
+import torch
+
+from stylegan2ada.image_utils import grid_size_for, save_image_grid, save_png_atomic, to_pil, to_uint8
+from stylegan2ada.pickles import NetworkPickleError, load_network_pkl
+
+
+def parse_range(text):
+    """'0-3,7' -> [0, 1, 2, 3, 7]."""
+    values = []
+    for part in text.split(','):
+        part = part.strip()
+        match = re.fullmatch(r'(\d+)-(\d+)', part)
+        if match:
+            lo, hi = int(match.group(1)), int(match.group(2))
+            if hi < lo:
+                raise ValueError(f'empty range {part!r}')
+            values.extend(range(lo, hi + 1))
+        elif re.fullmatch(r'\d+', part):
+            values.append(int(part))
+        else:
+            raise ValueError(f'cannot parse {part!r}; expected numbers and ranges like 0-7,12')
+    return values
+
+
+def _parse_seeds(ctx, param, value):
+    try:
+        return parse_range(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def pick_device(device):
+    """'auto' -> cuda when available, else cpu."""
+    if device == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise click.ClickException('--device cuda asked for, but no CUDA device is available')
+    return torch.device(device)
+
+
+def generate_images(G, seeds, class_idx=None, truncation_psi=1, noise_mode='const', device=torch.device('cpu'), batch_size=16):
+    """uint8 images [len(seeds), C, H, W], one per seed (z drawn from np.random.RandomState(seed))."""
+    label = torch.zeros([1, G.c_dim], device=device)
+    if G.c_dim:
+        label[:, class_idx] = 1
+    out = []
+    for start in range(0, len(seeds), batch_size):
+        chunk = seeds[start:start + batch_size]
+        z = torch.from_numpy(np.stack([np.random.RandomState(s).randn(G.z_dim) for s in chunk])).to(device, torch.float32)
+        with torch.no_grad():
+            img = G(z, label.expand(len(chunk), -1), truncation_psi=truncation_psi, noise_mode=noise_mode)
+        out.append(to_uint8(img).cpu())
+    return torch.cat(out)
+
+
+@click.command()
+# Main options.
+@click.option('--network', 'network_pkl', help='Network pickle (ours or NVIDIA stylegan2-ada-pytorch)', metavar='PKL', type=str, required=True)
+@click.option('--seeds',          help='Random seeds, e.g. 0-7,12', metavar='LIST', type=str, callback=_parse_seeds, default='0-7', show_default=True)
+@click.option('--outdir',         help='Where to save the images', metavar='DIR', type=str, required=True)
+# Sampling options.
+@click.option('--trunc', 'truncation_psi', help='Truncation psi', metavar='FLOAT', type=click.FloatRange(min=-2, max=2), default=1, show_default=True)
+@click.option('--class', 'class_idx', help='Class index (required for a conditional network)', metavar='INT', type=click.IntRange(min=0), default=None)
+@click.option('--noise-mode',     help='Noise mode', type=click.Choice(['const', 'random', 'none']), default='const', show_default=True)
+# I/O-related.
+@click.option('--grid',           help='Also save all images as one grid (grid.png)', is_flag=True)
+@click.option('--device',         help='Device to run on', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
+def main(**kwargs):
+    """Generate images from a trained network pickle.
+
+    \b
+    Examples:
+    python generate.py --network runs/exp/network-snapshot-000100.pkl --seeds 0-15 --outdir out --grid
+    python generate.py --network cond.pkl --class 2 --trunc 0.7 --seeds 0-7 --outdir out
+    """
+    opts = dict(kwargs)
+    device = pick_device(opts['device'])
+    try:
+        data = load_network_pkl(opts['network_pkl'])
+    except NetworkPickleError as exc:
+        raise click.ClickException(str(exc)) from None
+    G = data['G_ema'] if data['G_ema'] is not None else data['G']
+    if G is None:
+        raise click.ClickException(f'{opts["network_pkl"]}: the pickle holds no generator')
+    G = G.to(device)
+    if G.c_dim and opts['class_idx'] is None:
+        raise click.ClickException(f'{opts["network_pkl"]}: the network is conditional ({G.c_dim} classes); choose one with --class')
+    if G.c_dim and opts['class_idx'] >= G.c_dim:
+        raise click.ClickException(f'--class {opts["class_idx"]} out of range: the network has {G.c_dim} classes (0-{G.c_dim - 1})')
+    if not G.c_dim and opts['class_idx'] is not None:
+        click.echo('warning: --class ignored: the network is unconditional')
+    try:
+        os.makedirs(opts['outdir'], exist_ok=True)
+    except OSError as exc:
+        raise click.ClickException(f'{opts["outdir"]}: cannot create the output folder: {exc.strerror}') from None
+
+    images = generate_images(G, opts['seeds'], class_idx=opts['class_idx'], truncation_psi=opts['truncation_psi'],
+                             noise_mode=opts['noise_mode'], device=device)
+    for seed, image in zip(opts['seeds'], images):
+        save_png_atomic(to_pil(image), os.path.join(opts['outdir'], f'seed{seed:04d}.png'))
+    if opts['grid']:
+        save_image_grid(images, os.path.join(opts['outdir'], 'grid.png'), grid_size_for(len(images)))
+    click.echo(f'wrote {len(images)} images to {opts["outdir"]}' + (' (+ grid.png)' if opts['grid'] else ''))
+
+
+if __name__ == '__main__':
+    main()  # pylint: disable=no-value-for-parameter

@@ -1,0 +1,61 @@
+"""Image conversions and grids shared by generation, training snapshots and reports."""
+
+import os
+import tempfile
+
+import numpy as np
+import PIL.Image
+import torch
+
+
+def to_uint8(images):
+    """Float images in [-1, 1], [N, C, H, W] -> uint8 tensor (NVIDIA's rounding: x * 127.5 + 128, clamped)."""
+    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def to_pil(image_uint8):
+    """One uint8 image [C, H, W] (tensor or array) -> PIL image (L or RGB)."""
+    array = image_uint8.cpu().numpy() if isinstance(image_uint8, torch.Tensor) else np.asarray(image_uint8)
+    array = array.transpose(1, 2, 0)                                    # [H, W, C]
+    return PIL.Image.fromarray(array[:, :, 0], 'L') if array.shape[2] == 1 else PIL.Image.fromarray(array, 'RGB')
+
+
+def make_grid(images_uint8, grid_size):
+    """Tile uint8 images [N, C, H, W] into one [C, gh * H, gw * W] array, row-major, blank cells black."""
+    images = images_uint8.cpu().numpy() if isinstance(images_uint8, torch.Tensor) else np.asarray(images_uint8)
+    gw, gh = grid_size
+    N, C, H, W = images.shape
+    if N > gw * gh:
+        raise ValueError(f'{N} images do not fit a {gw}x{gh} grid')
+    canvas = np.zeros([gh, gw, C, H, W], dtype=np.uint8)
+    canvas.reshape(gh * gw, C, H, W)[:N] = images
+    return canvas.transpose(2, 0, 3, 1, 4).reshape(C, gh * H, gw * W)
+
+
+def grid_size_for(num_images, max_width=None):
+    """A near-square (width, height) grid for num_images; max_width caps the columns."""
+    gw = int(np.ceil(np.sqrt(num_images)))
+    if max_width is not None:
+        gw = min(gw, max_width)
+    return gw, int(np.ceil(num_images / gw))
+
+
+def save_png_atomic(image, path):
+    """Write a PIL image as PNG via a temporary file and rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.png', dir=folder)
+    os.close(fd)
+    try:
+        image.save(tmp, format='PNG')
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_image_grid(images_uint8, path, grid_size=None):
+    """Tile uint8 images [N, C, H, W] and save them as one PNG."""
+    grid_size = grid_size or grid_size_for(len(images_uint8))
+    save_png_atomic(to_pil(make_grid(images_uint8, grid_size)), path)

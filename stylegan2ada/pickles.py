@@ -1,0 +1,293 @@
+"""Network pickles: ours, and NVIDIA's stylegan2-ada-pytorch pickles, loaded without running their code.
+
+Our format is a pickled dict whose modules are stored as plain records (registered class name,
+constructor kwargs, state dict), so loading never imports anything but tensors, numpy scalars and
+containers. NVIDIA's pickles store each network as
+`torch_utils.persistence._reconstruct_persistent_obj(meta)` with the class's source code in
+`meta['module_src']`; we never execute that source: a restricted unpickler turns each such object into
+a stub, and the stub tree is mapped onto our own classes by class name and constructor kwargs, copying
+tensors by name.
+"""
+
+import collections
+import io
+import os
+import pickle
+import tempfile
+
+import numpy as np
+import torch
+
+from . import networks
+
+RECORD_KEY = '__taxogan_module__'
+PICKLE_FORMAT = 'taxogan-network/1'
+
+# Classes that may be rebuilt from a pickle, by registered name. Extensions register theirs with
+# @register_module_class at import time (the engine never imports them).
+MODULE_CLASSES = {}
+
+
+class NetworkPickleError(Exception):
+    """A network pickle cannot be read; the message names the file and the problem."""
+
+
+def register_module_class(cls):
+    """Allow instances of `cls` to be saved in and rebuilt from network pickles."""
+    MODULE_CLASSES[f'{cls.__module__}.{cls.__qualname__}'] = cls
+    return cls
+
+
+for _cls in (networks.Generator, networks.Discriminator):
+    register_module_class(_cls)
+
+
+NVIDIA_CLASS_NAMES = ('Generator', 'Discriminator', 'AugmentPipe')
+
+
+def _nvidia_class(class_name):
+    """Our class for an NVIDIA class name (as stored in persistence meta); None if unsupported."""
+    if class_name == 'AugmentPipe':
+        from .augment import AugmentPipe  # imported only when a pickle holds one
+        return AugmentPipe
+    return {'Generator': networks.Generator, 'Discriminator': networks.Discriminator}.get(class_name)
+
+
+# ----------------------------------------------------------------------------
+# Restricted unpickling.
+
+class _PersistentStub:
+    """What an NVIDIA persistent object unpickles to: its class name and state, no code."""
+
+    def __init__(self, meta):
+        if not isinstance(meta, dict) or meta.get('type') != 'class' or 'class_name' not in meta:
+            raise pickle.UnpicklingError('malformed persistent-object metadata')
+        self.class_name = meta['class_name']
+        self.state = meta.get('state') or {}
+
+
+class _EasyDictStub(dict):
+    """Stands in for dnnlib.util.EasyDict: a plain dict."""
+
+
+def _load_storage_from_bytes(data):
+    """Storage bytes inside a plain pickle, loaded with torch's weights-only unpickler."""
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def _allowed_globals():
+    """(module, name) -> object: everything a network pickle may reference."""
+    allowed = {
+        ('collections', 'OrderedDict'): collections.OrderedDict,
+        ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
+        ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
+        ('torch._utils', '_rebuild_parameter_with_state'): torch._utils._rebuild_parameter_with_state,
+        ('torch.storage', '_load_from_bytes'): _load_storage_from_bytes,
+        ('torch_utils.persistence', '_reconstruct_persistent_obj'): _PersistentStub,
+        ('dnnlib.util', 'EasyDict'): _EasyDictStub,
+        ('numpy', 'ndarray'): np.ndarray,
+        ('numpy', 'dtype'): np.dtype,
+    }
+    try:
+        from numpy._core import multiarray         # numpy >= 2
+    except ImportError:
+        from numpy.core import multiarray          # numpy 1.x
+    for numpy_core in ('numpy.core.multiarray', 'numpy._core.multiarray'):  # pickles name either
+        allowed[(numpy_core, 'scalar')] = multiarray.scalar
+        allowed[(numpy_core, '_reconstruct')] = multiarray._reconstruct
+    for dtype_name in ('Float64DType', 'Float32DType', 'Int64DType', 'Int32DType', 'BoolDType'):
+        if hasattr(np, 'dtypes') and hasattr(np.dtypes, dtype_name):
+            allowed[('numpy.dtypes', dtype_name)] = getattr(np.dtypes, dtype_name)
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the globals a network pickle needs."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self._allowed = _allowed_globals()
+
+    def find_class(self, module, name):
+        obj = self._allowed.get((module, name))
+        if obj is None:
+            raise pickle.UnpicklingError(f'refused global {module}.{name} (not allowed in a network pickle)')
+        return obj
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError('persistent ids are not allowed in a network pickle')
+
+
+# ----------------------------------------------------------------------------
+# Conversion between modules and plain records.
+
+def _to_plain(value):
+    """EasyDict stubs -> dicts, recursively (NVIDIA's kwargs)."""
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_plain(v) for v in value)
+    return value
+
+
+def _module_to_record(module):
+    """A registered module -> a plain record (class name, init kwargs, state dict on CPU)."""
+    name = f'{type(module).__module__}.{type(module).__qualname__}'
+    if MODULE_CLASSES.get(name) is not type(module):
+        raise TypeError(f'{name} is not registered for network pickles (use @register_module_class)')
+    if not hasattr(module, 'init_kwargs'):
+        raise TypeError(f'{name} has no init_kwargs attribute; cannot be rebuilt from a pickle')
+    state = collections.OrderedDict((k, v.detach().cpu().clone()) for k, v in module.state_dict().items())
+    return {RECORD_KEY: name, 'init_kwargs': _to_plain(module.init_kwargs), 'state_dict': state}
+
+
+def _record_to_module(record, path):
+    """A plain record -> a module in eval mode without gradients."""
+    name = record[RECORD_KEY]
+    cls = MODULE_CLASSES.get(name)
+    if cls is None:
+        raise NetworkPickleError(f'{path}: unknown network class {name!r} (import the package that defines it)')
+    module = cls(**record['init_kwargs'])
+    _load_state_strict(module, record['state_dict'], path, name)
+    return module.eval().requires_grad_(False)
+
+
+def _load_state_strict(module, state, path, what):
+    """Copy tensors by name, failing loudly on any missing, extra or mis-shaped tensor."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        raise NetworkPickleError(f'{path}: {what} tensors do not match: missing {missing[:5]}{"..." if len(missing) > 5 else ""}, '
+                                 f'unexpected {extra[:5]}{"..." if len(extra) > 5 else ""}')
+    for key, value in state.items():
+        if tuple(own[key].shape) != tuple(value.shape):
+            raise NetworkPickleError(f'{path}: {what} tensor {key} has shape {list(value.shape)}, expected {list(own[key].shape)}')
+    module.load_state_dict(state, strict=True)
+
+
+def _flatten_stub(stub, prefix, out):
+    """Collect the parameters and persistent buffers of an NVIDIA stub tree by dotted name."""
+    state = stub.state
+    non_persistent = set(state.get('_non_persistent_buffers_set') or ())
+    for name, tensor in (state.get('_parameters') or {}).items():
+        if tensor is not None:
+            out[prefix + name] = tensor
+    for name, tensor in (state.get('_buffers') or {}).items():
+        if tensor is not None and name not in non_persistent:
+            out[prefix + name] = tensor
+    for name, child in (state.get('_modules') or {}).items():
+        if child is None:
+            continue
+        if not isinstance(child, _PersistentStub):
+            raise NetworkPickleError(f'submodule {prefix + name} is not a persistent object')
+        _flatten_stub(child, f'{prefix}{name}.', out)
+    return out
+
+
+def _stub_to_module(stub, path):
+    """Build our module from an NVIDIA stub: same class, same init kwargs, tensors copied by name."""
+    cls = _nvidia_class(stub.class_name)
+    if cls is None:
+        raise NetworkPickleError(f'{path}: unsupported network class {stub.class_name!r} (supported: {", ".join(NVIDIA_CLASS_NAMES)})')
+    args = _to_plain(tuple(stub.state.get('_init_args') or ()))
+    kwargs = _to_plain(dict(stub.state.get('_init_kwargs') or {}))
+    try:
+        module = cls(*args, **kwargs)
+    except TypeError as exc:
+        raise NetworkPickleError(f'{path}: cannot build {stub.class_name} from its stored kwargs: {exc}') from None
+    tensors = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in _flatten_stub(stub, '', {}).items()}
+    if stub.class_name == 'AugmentPipe':
+        # Our AugmentPipe derives its filter buffers from constants; only the probability is state.
+        if 'p' in tensors:
+            module.p.copy_(tensors['p'].to(module.p.dtype))
+    else:
+        _load_state_strict(module, tensors, path, stub.class_name)
+    return module.eval().requires_grad_(False)
+
+
+def _convert(value, path):
+    """Turn records and stubs inside the loaded object into modules; other values into plain data."""
+    if isinstance(value, _PersistentStub):
+        return _stub_to_module(value, path)
+    if isinstance(value, dict) and RECORD_KEY in value:
+        return _record_to_module(value, path)
+    if isinstance(value, dict):
+        return {k: _convert(v, path) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_convert(v, path) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------
+# Public API.
+
+def load_network_pkl(
+    path_or_file,           # file path, or a binary file object
+    device = None,          # move modules there; None = keep on CPU
+):
+    """Load one of our network pickles or an NVIDIA stylegan2-ada-pytorch pickle into a dict of our modules."""
+    path = getattr(path_or_file, 'name', path_or_file)
+    if isinstance(path_or_file, (str, os.PathLike)):
+        if not os.path.isfile(path_or_file):
+            raise NetworkPickleError(f'{path}: no such file')
+        with open(path_or_file, 'rb') as f:
+            return load_network_pkl(f, device=device)
+    try:
+        raw = _RestrictedUnpickler(path_or_file).load()
+    except NetworkPickleError:
+        raise
+    except pickle.UnpicklingError as exc:
+        raise NetworkPickleError(f'{path}: not a valid network pickle: {exc}') from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, RuntimeError, MemoryError) as exc:
+        raise NetworkPickleError(f'{path}: not a valid network pickle (truncated or corrupt: {type(exc).__name__}: {exc})') from None
+    if not isinstance(raw, dict):
+        raise NetworkPickleError(f'{path}: not a network pickle (top level is {type(raw).__name__}, expected a dict)')
+    try:
+        data = _convert(raw, path)
+    except NetworkPickleError:
+        raise
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        raise NetworkPickleError(f'{path}: cannot rebuild the networks: {exc}') from None
+    if not any(isinstance(data.get(k), torch.nn.Module) for k in ('G', 'G_ema', 'D')):
+        raise NetworkPickleError(f'{path}: not a network pickle (no G, G_ema or D inside)')
+    for key in ('G', 'D', 'G_ema', 'augment_pipe', 'training_set_kwargs'):
+        data.setdefault(key, None)
+    if device is not None:
+        data = {k: v.to(device) if isinstance(v, torch.nn.Module) else v for k, v in data.items()}
+    return data
+
+
+def _to_records(value):
+    """Modules -> records, recursively; everything else unchanged."""
+    if isinstance(value, torch.nn.Module):
+        return _module_to_record(value)
+    if isinstance(value, dict):
+        return {k: _to_records(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_records(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    return value
+
+
+def save_network_pkl(
+    path,   # destination .pkl; written to a temporary file first, then renamed
+    data,   # dict with modules (G, D, G_ema, augment_pipe) and plain data (tensors, numbers, strings, dicts)
+):
+    """Write a network pickle atomically."""
+    payload = _to_records(dict(data))
+    payload['format'] = PICKLE_FORMAT
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.pkl', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
