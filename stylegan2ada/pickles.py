@@ -18,7 +18,7 @@ import tempfile
 import numpy as np
 import torch
 
-from . import networks
+from . import augment, networks
 
 RECORD_KEY = '__taxogan_module__'
 PICKLE_FORMAT = 'taxogan-network/1'
@@ -38,7 +38,7 @@ def register_module_class(cls):
     return cls
 
 
-for _cls in (networks.Generator, networks.Discriminator):
+for _cls in (networks.Generator, networks.Discriminator, augment.AugmentPipe):
     register_module_class(_cls)
 
 
@@ -47,10 +47,7 @@ NVIDIA_CLASS_NAMES = ('Generator', 'Discriminator', 'AugmentPipe')
 
 def _nvidia_class(class_name):
     """Our class for an NVIDIA class name (as stored in persistence meta); None if unsupported."""
-    if class_name == 'AugmentPipe':
-        from .augment import AugmentPipe  # imported only when a pickle holds one
-        return AugmentPipe
-    return {'Generator': networks.Generator, 'Discriminator': networks.Discriminator}.get(class_name)
+    return {'Generator': networks.Generator, 'Discriminator': networks.Discriminator, 'AugmentPipe': augment.AugmentPipe}.get(class_name)
 
 
 # ----------------------------------------------------------------------------
