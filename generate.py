@@ -9,6 +9,7 @@ import torch
 
 from stylegan2ada.image_utils import grid_size_for, save_image_grid, save_png_atomic, to_pil, to_uint8
 from stylegan2ada.pickles import NetworkPickleError, load_network_pkl
+import taxogan_ext.dcgan  # noqa: F401  registers the DCGAN baseline's classes for pickles
 
 
 def parse_range(text):

@@ -1,0 +1,51 @@
+"""Process groups for multi-process training: gloo on CPU, nccl on CUDA; spawned locally or under torchrun."""
+
+import os
+import tempfile
+
+import torch
+
+
+def torchrun_env():
+    """(rank, world_size, local_rank) when launched by torchrun, else None."""
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        return int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
+    return None
+
+
+def backend_for(device_type):
+    """nccl for CUDA, gloo otherwise."""
+    return 'nccl' if device_type == 'cuda' else 'gloo'
+
+
+def init_process_group(
+    rank,               # rank of this process
+    world_size,         # number of processes
+    device_type,        # 'cpu' or 'cuda'
+    init_file = None,   # shared file for file:// rendezvous; None = use torchrun's env:// variables
+):
+    """Join the process group (no-op for one process)."""
+    if world_size <= 1:
+        return
+    backend = backend_for(device_type)
+    if init_file is None:
+        torch.distributed.init_process_group(backend=backend, init_method='env://', rank=rank, world_size=world_size)
+    else:
+        init_method = f'file://{os.path.abspath(init_file)}'
+        torch.distributed.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size)
+
+
+def destroy_process_group():
+    """Leave the process group if one was joined."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def spawn(fn, num_processes, args=()):
+    """Run fn(rank, init_file, *args) in num_processes processes (or inline for one)."""
+    if num_processes <= 1:
+        return fn(0, None, *args)
+    with tempfile.TemporaryDirectory() as temp_dir:
+        init_file = os.path.join(temp_dir, '.torch_distributed_init')
+        torch.multiprocessing.spawn(fn=fn, args=(init_file, *args), nprocs=num_processes)
+    return None

@@ -1,0 +1,492 @@
+"""The StyleGAN2-ADA training loop: phases with lazy regularization, G_ema, ADA, ticks, snapshots, exact resume.
+
+Semantics follow NVIDIA's stylegan2-ada-pytorch; differences are deliberate and documented:
+- snapshots carry the whole training state (`progress`), so resuming one of our snapshots continues
+  cur_nimg, augment p, optimizer moments, loss and extra-term state and RNG states;
+- a snapshot is also written when the run is interrupted (Ctrl-C / SIGTERM);
+- non-finite losses stop the run with a message naming the tick and the term.
+"""
+
+import copy
+import itertools
+import json
+import os
+import re
+import time
+
+import numpy as np
+import psutil
+import torch
+
+from . import pickles
+from .augment import TRANSFORMS as AUGMENT_TRANSFORMS
+from .augment import AugmentPipe
+from .dataset import ImageFolderDataset, InfiniteSampler
+from .image_utils import grid_size_for, save_image_grid, to_uint8
+from .loss import StyleGAN2Loss
+from .training_stats import StatsCollector
+
+SNAPSHOT_RE = re.compile(r'^network-snapshot-(\d+)\.pkl$')
+
+
+class TrainingDivergedError(RuntimeError):
+    """A loss became NaN or infinite; the message names the tick and the term."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped by Ctrl-C or SIGTERM after writing a snapshot."""
+
+    def __init__(self, snapshot_pkl):
+        super().__init__(f'interrupted; snapshot written to {snapshot_pkl}')
+        self.snapshot_pkl = snapshot_pkl
+
+
+def latest_snapshot(run_dir):
+    """Path of the newest network-snapshot-*.pkl in run_dir, or None."""
+    if not os.path.isdir(run_dir):
+        return None
+    found = [(int(m.group(1)), name) for name in os.listdir(run_dir) if (m := SNAPSHOT_RE.match(name))]
+    return os.path.join(run_dir, max(found)[1]) if found else None
+
+
+def copy_params_and_buffers(src, dst, require_all=False):
+    """Copy tensors with matching names and shapes from src to dst; returns the names not copied."""
+    src_tensors = dict(src.named_parameters()) | dict(src.named_buffers())
+    skipped = []
+    with torch.no_grad():
+        for name, tensor in list(dst.named_parameters()) + list(dst.named_buffers()):
+            if name in src_tensors and src_tensors[name].shape == tensor.shape:
+                tensor.copy_(src_tensors[name].to(tensor.device, tensor.dtype))
+            else:
+                skipped.append(name)
+    if require_all and skipped:
+        raise ValueError(f'tensors missing or mis-shaped in the source network: {skipped[:5]}')
+    return skipped
+
+
+def _module_tensors(module):
+    return [t for t in list(module.parameters()) + list(module.buffers()) if t.numel() > 0]
+
+
+def _broadcast_module(module):
+    for tensor in _module_tensors(module):
+        torch.distributed.broadcast(tensor.data, src=0)
+
+
+def _all_reduce_grads(params, num_gpus):
+    """Average gradients across processes in one flat all-reduce."""
+    params = [p for p in params if p.numel() > 0 and p.grad is not None]
+    if not params:
+        return
+    if num_gpus > 1:
+        flat = torch.cat([p.grad.flatten() for p in params])
+        torch.distributed.all_reduce(flat)
+        flat /= num_gpus
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.reshape(p.shape))
+    for p in params:
+        torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+
+
+class _SkipSampler:
+    """Iterates a sampler from position `skip` on (indices only: no images are loaded to skip)."""
+
+    def __init__(self, sampler, skip):
+        self.sampler = sampler
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+
+def _numpy_rng_state(rnd):
+    """RandomState state as tensors and numbers (pickles may hold no numpy arrays)."""
+    name, key, pos, has_gauss, cached = rnd.get_state()
+    return dict(name=name, key=torch.from_numpy(key.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss), cached=float(cached))
+
+
+def _numpy_rng_tuple(state):
+    """Inverse of _numpy_rng_state."""
+    return (state['name'], state['key'].numpy().astype(np.uint32), state['pos'], state['has_gauss'], state['cached'])
+
+
+def _replicas_in_sync(modules, num_gpus):
+    """True when every process holds bit-identical parameters and buffers (w_avg excepted)."""
+    # w_avg tracks each process's own batches, as in NVIDIA's code; rank 0's copy is the one saved.
+    tensors = [t for m in modules for name, t in list(m.named_parameters()) + list(m.named_buffers())
+               if t.numel() > 0 and not name.endswith('w_avg')]
+    flat = torch.cat([t.detach().flatten().to(torch.float64).cpu() for t in tensors])
+    digest = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64).sin()).sum()])
+    gathered = [torch.zeros_like(digest) for _ in range(num_gpus)]
+    torch.distributed.all_gather(gathered, digest)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def setup_snapshot_image_grid(training_set, grid_size, random_seed=0):
+    """Indices of real images for the snapshot grid: random, or grouped by label when conditional."""
+    rnd = np.random.RandomState(random_seed)
+    gw, gh = grid_size
+    if not training_set.has_labels:
+        order = rnd.permutation(len(training_set)) if len(training_set) >= gw * gh else rnd.randint(len(training_set), size=gw * gh)
+        return [int(i) for i in order[:gw * gh]]
+    # One row per label (cycling), as many images per row as fit.
+    by_label = {}
+    for idx in range(len(training_set)):
+        by_label.setdefault(int(np.argmax(training_set.get_label(idx))), []).append(idx)
+    keys = sorted(by_label)
+    indices = []
+    for row in range(gh):
+        members = by_label[keys[row % len(keys)]]
+        rnd.shuffle(members)
+        indices += [members[i % len(members)] for i in range(gw)]
+    return indices
+
+
+class _TickLog:
+    """Writes log lines to stdout and log.txt, and stats to stats.jsonl (rank 0 only)."""
+
+    def __init__(self, run_dir, rank):
+        self.run_dir = run_dir
+        self.rank = rank
+
+    def line(self, text):
+        if self.rank != 0:
+            return
+        print(text, flush=True)
+        with open(os.path.join(self.run_dir, 'log.txt'), 'a') as f:
+            f.write(text + '\n')
+
+    def stats(self, record):
+        if self.rank != 0:
+            return
+        with open(os.path.join(self.run_dir, 'stats.jsonl'), 'a') as f:
+            f.write(json.dumps(record) + '\n')
+
+
+def training_loop(
+    run_dir                 = '.',          # output folder (log, stats, snapshots, grids)
+    training_set_kwargs     = None,         # ImageFolderDataset arguments
+    data_loader_kwargs      = None,         # torch DataLoader arguments (num_workers, pin_memory, ...)
+    G_class                 = 'stylegan2ada.networks.Generator',     # registered generator class name
+    D_class                 = 'stylegan2ada.networks.Discriminator', # registered discriminator class name
+    G_kwargs                = None,         # generator arguments (img_resolution etc. filled from the dataset)
+    D_kwargs                = None,         # discriminator arguments
+    G_opt_kwargs            = None,         # Adam arguments for G: lr, betas, eps
+    D_opt_kwargs            = None,         # Adam arguments for D
+    augment_kwargs          = None,         # AugmentPipe arguments; None = no augmentation
+    loss_kwargs             = None,         # StyleGAN2Loss arguments
+    extra_d_terms           = (),           # DiscriminatorTerm objects (LeCam, ...)
+    metrics                 = (),           # metric names evaluated at each network snapshot
+    detector                = 'inception',  # feature detector for the metrics
+    random_seed             = 0,            # global seed
+    num_gpus                = 1,            # number of processes
+    rank                    = 0,            # rank of this process
+    batch_size              = 4,            # total minibatch over all processes
+    batch_gpu               = 4,            # minibatch per process and round
+    ema_kimg                = 10,           # half-life of G_ema in kimg
+    ema_rampup              = 0.05,         # G_ema half-life ramp-up ratio; None = none
+    G_reg_interval          = 4,            # lazy regularization interval of G; None = every step (Gboth)
+    D_reg_interval          = 16,           # lazy regularization interval of D; None = every step (Dboth)
+    augment_p               = 0,            # initial augmentation probability
+    ada_target              = None,         # ADA target for r_t; None = fixed p
+    ada_interval            = 4,            # steps between ADA adjustments
+    ada_kimg                = 500,          # kimg for p to go from 0 to 1 at most
+    total_kimg              = 25000,        # training length in kimg
+    kimg_per_tick           = 4,            # progress report interval in kimg
+    image_snapshot_ticks    = 50,           # fakes grid every N ticks; None = never
+    network_snapshot_ticks  = 50,           # network pickle every N ticks; None = only at the end
+    image_grid_size         = None,         # (columns, rows) of the fakes grid; None = fit ~64 images
+    resume_pkl              = None,         # pickle to start from; None = from scratch
+    resume_mode             = 'auto',       # 'full' = restore progress, 'weights' = fine-tune, 'auto' = full if the pickle has progress
+    cudnn_benchmark         = True,         # torch.backends.cudnn.benchmark
+    allow_tf32              = False,        # TF32 matmul/conv on Ampere+
+    device                  = 'cpu',        # torch device
+    progress_callback       = None,         # called as f(cur_nimg, total_nimg) each tick; None = nothing
+):
+    """Train a GAN and write snapshots into run_dir; returns the path of the final snapshot."""
+    start_time = time.time()
+    device = torch.device(device)
+    np.random.seed(random_seed * num_gpus + rank)
+    torch.manual_seed(random_seed * num_gpus + rank)
+    label_rnd = np.random.RandomState(random_seed * num_gpus + rank)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+    log = _TickLog(run_dir, rank)
+
+    # Data.
+    training_set = ImageFolderDataset(**training_set_kwargs)
+    rounds = batch_size // (batch_gpu * num_gpus)
+    log.line(f'Dataset: {training_set.name}: {len(training_set)} images, shape {list(training_set.image_shape)}, '
+             f'label dim {training_set.label_dim}')
+
+    # Networks.
+    common = dict(c_dim=training_set.label_dim, img_resolution=training_set.resolution, img_channels=training_set.num_channels)
+    G = pickles.MODULE_CLASSES[G_class](**dict(G_kwargs or {}), **common).train().requires_grad_(False).to(device)
+    D = pickles.MODULE_CLASSES[D_class](**dict(D_kwargs or {}), **common).train().requires_grad_(False).to(device)
+    G_ema = copy.deepcopy(G).eval()
+
+    augment_pipe = None
+    if augment_kwargs is not None:
+        augment_pipe = AugmentPipe(**augment_kwargs).train().requires_grad_(False).to(device)
+        augment_pipe.p.copy_(torch.as_tensor(augment_p))
+        enabled = [name for name, value in augment_kwargs.items() if name in AUGMENT_TRANSFORMS and value]
+        log.line(f'Augmentations: {", ".join(enabled)} (p {augment_p:g}{", ADA target " + format(ada_target, "g") if ada_target is not None else ", fixed"})')
+
+    stats = StatsCollector()
+    loss = StyleGAN2Loss(G=G, D=D, augment_pipe=augment_pipe, extra_d_terms=extra_d_terms, stats=stats, **(loss_kwargs or {}))
+
+    # Optimizers; lazy regularization scales lr and betas so the effective schedule is unchanged.
+    phases = []
+    for name, module, opt_kwargs, reg_interval in [('G', G, G_opt_kwargs, G_reg_interval), ('D', D, D_opt_kwargs, D_reg_interval)]:
+        opt_kwargs = dict(opt_kwargs or {})
+        opt_kwargs['betas'] = [float(beta) for beta in opt_kwargs.get('betas', (0.9, 0.999))]  # Adam rejects int betas
+        if reg_interval is None:
+            opt = torch.optim.Adam(module.parameters(), **opt_kwargs)
+            phases.append(dict(name=name + 'both', module=module, opt=opt, interval=1))
+        else:
+            mb_ratio = reg_interval / (reg_interval + 1)
+            opt_kwargs['lr'] = opt_kwargs['lr'] * mb_ratio
+            opt_kwargs['betas'] = [beta ** mb_ratio for beta in opt_kwargs['betas']]
+            opt = torch.optim.Adam(module.parameters(), **opt_kwargs)
+            phases.append(dict(name=name + 'main', module=module, opt=opt, interval=1))
+            phases.append(dict(name=name + 'reg', module=module, opt=opt, interval=reg_interval))
+    optimizers = {'G': phases[0]['opt'], 'D': phases[-1]['opt']}
+
+    # Resume.
+    cur_nimg, cur_tick, batch_idx = 0, 0, 0
+    resume_rng = None
+    if resume_pkl is not None:
+        log.line(f'Resuming from "{resume_pkl}"')
+        resume_data = pickles.load_network_pkl(resume_pkl)
+        for name, module in [('G', G), ('D', D), ('G_ema', G_ema)]:
+            if resume_data.get(name) is None:
+                raise ValueError(f'{resume_pkl}: the pickle has no {name}')
+            skipped = copy_params_and_buffers(resume_data[name], module)
+            if skipped:
+                log.line(f'  {name}: {len(skipped)} tensors not in the pickle or of another shape, kept as initialised: {skipped[:4]}...')
+        progress = resume_data.get('progress')
+        if resume_mode == 'full' and progress is None:
+            raise ValueError(f'{resume_pkl}: --resume-mode full needs one of our snapshots (this pickle has no training progress)')
+        if progress is not None and resume_mode in ('auto', 'full'):
+            cur_nimg, cur_tick, batch_idx = progress['cur_nimg'], progress['cur_tick'], progress['batch_idx']
+            for key, opt in optimizers.items():
+                if progress['optimizers'].get(key) is not None:
+                    opt.load_state_dict(progress['optimizers'][key])
+            loss.load_state_dict(progress['loss'])
+            if augment_pipe is not None and progress.get('augment_p') is not None:
+                augment_pipe.p.copy_(torch.as_tensor(progress['augment_p']))
+            resume_rng = progress.get('rng', {}).get(rank)
+            log.line(f'  continuing at kimg {cur_nimg / 1000:.3f} (tick {cur_tick}), augment p {float(augment_pipe.p) if augment_pipe is not None else 0:.3f}')
+        else:
+            log.line('  fine-tuning: weights copied, progress starts at 0')
+        del resume_data
+
+    if num_gpus > 1:
+        for module in [G, D, G_ema, augment_pipe]:
+            if module is not None:
+                _broadcast_module(module)
+
+    # Data order continues where a resumed run stopped: the sampler skips the images already drawn.
+    sampler = InfiniteSampler(training_set, rank=rank, num_replicas=num_gpus, seed=random_seed)
+    loader = torch.utils.data.DataLoader(training_set, sampler=_SkipSampler(sampler, batch_idx * rounds * batch_gpu),
+                                         batch_size=batch_gpu, **(data_loader_kwargs or {}))
+    training_set_iterator = iter(loader)
+    if resume_rng is not None:
+        # Restored after the loader is built, because building it draws from the torch RNG.
+        torch.set_rng_state(resume_rng['torch'])
+        label_rnd.set_state(_numpy_rng_tuple(resume_rng['label']))
+
+    # Snapshot grids.
+    grid_size = tuple(image_grid_size) if image_grid_size else grid_size_for(min(64, max(len(training_set), 16)), max_width=8)
+    grid_indices = setup_snapshot_image_grid(training_set, grid_size, random_seed)
+    grid_z = torch.randn([len(grid_indices), G.z_dim], generator=torch.Generator().manual_seed(random_seed)).to(device)
+    grid_c = torch.from_numpy(np.stack([training_set.get_label(i) for i in grid_indices])).to(device)
+
+    def save_fakes(name):
+        if rank != 0:
+            return
+        with torch.no_grad():
+            images = torch.cat([to_uint8(G_ema(z, c, noise_mode='const')).cpu()
+                                for z, c in zip(grid_z.split(batch_gpu), grid_c.split(batch_gpu))])
+        save_image_grid(images, os.path.join(run_dir, name), grid_size)
+
+    if rank == 0 and cur_nimg == 0:
+        reals = np.stack([training_set[i][0] for i in grid_indices])
+        save_image_grid(reals, os.path.join(run_dir, 'reals.png'), grid_size)
+        save_fakes('fakes_init.png')
+
+    def snapshot_data(next_tick):
+        return dict(
+            G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe,
+            training_set_kwargs=dict(training_set_kwargs),
+            progress=dict(
+                cur_nimg=cur_nimg, cur_tick=next_tick, batch_idx=batch_idx,
+                augment_p=float(augment_pipe.p) if augment_pipe is not None else None,
+                optimizers={k: opt.state_dict() for k, opt in optimizers.items()},
+                loss=loss.state_dict(),
+                rng={rank: dict(torch=torch.get_rng_state(), label=_numpy_rng_state(label_rnd))},
+                G_class=G_class, D_class=D_class,
+            ),
+        )
+
+    def save_snapshot(next_tick):
+        # next_tick: the tick a resumed run starts with (cur_tick + 1 at the end of a tick).
+        path = os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pkl')
+        if rank == 0:
+            pickles.save_network_pkl(path, snapshot_data(next_tick))
+        return path
+
+    # ADA statistics: sum and count of sign(D(real)) since the last adjustment.
+    ada_signs = torch.zeros([2], dtype=torch.float64)
+
+    total_nimg = int(total_kimg * 1000)
+    tick_start_nimg = cur_nimg
+    tick_start_time = time.time()
+    maintenance_time = tick_start_time - start_time
+    log.line(f'Training for {total_kimg} kimg on {num_gpus} process(es), device {device}, batch {batch_size} ({batch_gpu} per process and round)...')
+    snapshot_pkl = None
+
+    try:
+        while True:
+            # Fetch data for every phase: reals shared, fresh latents per phase.
+            phase_real_img, phase_real_c = [], []
+            for _ in range(rounds):
+                img, c = next(training_set_iterator)
+                phase_real_img.append((img.to(device).to(torch.float32) / 127.5 - 1))
+                phase_real_c.append(c.to(device))
+            all_gen_z = torch.randn([len(phases), rounds, batch_gpu, G.z_dim], device=device)
+            labels = [training_set.get_label(label_rnd.randint(len(training_set))) for _ in range(len(phases) * rounds * batch_gpu)]
+            all_gen_c = torch.from_numpy(np.stack(labels)).to(device).reshape(len(phases), rounds, batch_gpu, -1)
+
+            for phase, phase_gen_z, phase_gen_c in zip(phases, all_gen_z, all_gen_c):
+                if batch_idx % phase['interval'] != 0:
+                    continue
+                phase['module'].requires_grad_(True)
+                phase['opt'].zero_grad(set_to_none=True)
+                loss.last_losses.clear()
+                for real_img, real_c, gen_z, gen_c in zip(phase_real_img, phase_real_c, phase_gen_z, phase_gen_c):
+                    # The gain keeps lazy regularization's long-term strength; 1/rounds averages the rounds.
+                    loss.accumulate_gradients(phase=phase['name'], real_img=real_img, real_c=real_c, gen_z=gen_z, gen_c=gen_c,
+                                              gain=phase['interval'] / rounds, cur_nimg=cur_nimg)
+                phase['module'].requires_grad_(False)
+                for name, value in loss.last_losses.items():
+                    if not torch.isfinite(value).all():
+                        raise TrainingDivergedError(f'non-finite {name} in phase {phase["name"]} at tick {cur_tick} '
+                                                    f'(kimg {cur_nimg / 1000:.3f}); lower the learning rate or gamma, or check the data')
+                if 'Loss/signs/real' in loss.last_losses:
+                    signs = loss.last_losses['Loss/signs/real'].to('cpu', torch.float64)
+                    ada_signs += torch.stack([signs.sum(), torch.tensor(float(signs.numel()), dtype=torch.float64)])
+                _all_reduce_grads(phase['module'].parameters(), num_gpus)
+                phase['opt'].step()
+
+            # G_ema: exponential moving average with a half-life in images, ramped up early on.
+            ema_nimg = ema_kimg * 1000
+            if ema_rampup is not None:
+                ema_nimg = min(ema_nimg, cur_nimg * ema_rampup)
+            ema_beta = 0.5 ** (batch_size / max(ema_nimg, 1e-8))
+            with torch.no_grad():
+                for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+                    p_ema.copy_(p.lerp(p_ema, ema_beta))
+                for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+                    b_ema.copy_(b)
+
+            cur_nimg += batch_size
+            batch_idx += 1
+
+            # ADA: move p towards the target overfitting heuristic r_t = E[sign(D(real))].
+            if ada_target is not None and augment_pipe is not None and batch_idx % ada_interval == 0:
+                signs = ada_signs.clone()
+                if num_gpus > 1:
+                    torch.distributed.all_reduce(signs)
+                if signs[1] > 0:
+                    r_t = float(signs[0] / signs[1])
+                    adjust = np.sign(r_t - ada_target) * (batch_size * ada_interval) / (ada_kimg * 1000)
+                    # p is a probability: kept in [0, 1] (NVIDIA only bounds it below).
+                    augment_pipe.p.copy_((augment_pipe.p + adjust).clamp(0, 1))
+                    stats.report('Progress/ada_rt', r_t)
+                ada_signs.zero_()
+
+            done = cur_nimg >= total_nimg
+            if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
+                continue
+
+            # Tick: report, snapshot, evaluate.
+            tick_end_time = time.time()
+            tick_time = tick_end_time - tick_start_time
+            sec_per_kimg = tick_time / max(cur_nimg - tick_start_nimg, 1) * 1000
+            eta = (total_nimg - cur_nimg) / 1000 * sec_per_kimg if cur_tick > 0 or done else float('nan')
+            cpu_mem = psutil.Process(os.getpid()).memory_info().rss / 2 ** 30
+            gpu_mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
+            p_now = float(augment_pipe.p) if augment_pipe is not None else 0.0
+            stats.report('Progress/augment', p_now)
+            fields = [
+                f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1000:<8.3f}', f'time {_fmt_time(tick_end_time - start_time):<10s}',
+                f'sec/tick {tick_time:<7.1f}', f'sec/kimg {sec_per_kimg:<7.2f}', f'eta {_fmt_time(eta):<10s}',
+                f'augment {p_now:.3f}', f'cpumem {cpu_mem:.2f}',
+            ] + ([f'gpumem {gpu_mem:.2f}'] if device.type == 'cuda' else [])
+            log.line(' '.join(fields))
+
+            if image_snapshot_ticks is not None and (done or cur_tick % image_snapshot_ticks == 0):
+                save_fakes(f'fakes{cur_nimg // 1000:06d}.png')
+            if (network_snapshot_ticks is not None and cur_tick % network_snapshot_ticks == 0) or done:
+                if num_gpus > 1:
+                    in_sync = _replicas_in_sync([G, D, G_ema], num_gpus)
+                    log.line('  replicas in sync' if in_sync else '  replicas NOT in sync')
+                    if not in_sync:
+                        raise RuntimeError(f'the {num_gpus} training processes hold different weights at tick {cur_tick}')
+                snapshot_pkl = save_snapshot(cur_tick + 1)
+                if metrics:
+                    _evaluate(metrics, G_ema, training_set_kwargs, detector, num_gpus, rank, device, run_dir, snapshot_pkl, log)
+
+            collected = stats.collect(all_reduce=num_gpus > 1)
+            record = {name: value for name, value in collected.items()}
+            record.update({
+                'Progress/tick': cur_tick, 'Progress/kimg': cur_nimg / 1000, 'Progress/augment': p_now,
+                'Timing/total_sec': tick_end_time - start_time, 'Timing/sec_per_tick': tick_time,
+                'Timing/sec_per_kimg': sec_per_kimg, 'Timing/maintenance_sec': maintenance_time,
+                'Resources/cpu_mem_gb': cpu_mem, 'Resources/gpu_mem_gb': gpu_mem, 'timestamp': time.time(),
+            })
+            log.stats(record)
+            if progress_callback is not None:
+                progress_callback(cur_nimg, total_nimg)
+
+            cur_tick += 1
+            tick_start_nimg = cur_nimg
+            tick_start_time = time.time()
+            maintenance_time = tick_start_time - tick_end_time
+            if done:
+                break
+    except KeyboardInterrupt:
+        snapshot_pkl = save_snapshot(cur_tick)
+        log.line(f'Interrupted at kimg {cur_nimg / 1000:.3f}; snapshot written to {snapshot_pkl}')
+        raise TrainingInterrupted(snapshot_pkl) from None
+
+    log.line('Exiting...')
+    return snapshot_pkl
+
+
+def _evaluate(metrics, G_ema, training_set_kwargs, detector, num_gpus, rank, device, run_dir, snapshot_pkl, log):
+    """Run each metric on the snapshot's G_ema and append it to metric-<name>.jsonl."""
+    from .metrics import metric_main
+    for metric in metrics:
+        result = metric_main.calc_metric(metric=metric, G=G_ema, dataset_kwargs=training_set_kwargs, detector=detector,
+                                         num_gpus=num_gpus, rank=rank, device=device)
+        if rank == 0:
+            metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=snapshot_pkl)
+            log.line(f'  {metric}: ' + ', '.join(f'{k} {v:.4f}' for k, v in result['results'].items()))
+
+
+def _fmt_time(seconds):
+    """12345 -> '3h 25m 45s'."""
+    if seconds != seconds or seconds == float('inf'):
+        return '-'
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f'{seconds}s'
+    if seconds < 3600:
+        return f'{seconds // 60}m {seconds % 60:02d}s'
+    return f'{seconds // 3600}h {(seconds // 60) % 60:02d}m'

@@ -1,0 +1,380 @@
+"""Train a StyleGAN2-ADA (or DCGAN baseline) network: NVIDIA's options, plus LeCam, augmentation whitelist, Freeze-D."""
+
+import json
+import os
+import re
+import signal
+import tempfile
+
+import click
+import torch
+
+from stylegan2ada import distributed
+from stylegan2ada.dataset import DatasetError, ImageFolderDataset
+from stylegan2ada.pickles import NetworkPickleError, load_network_pkl
+from stylegan2ada.training_loop import TrainingDivergedError, TrainingInterrupted, latest_snapshot, training_loop
+from taxogan_ext import dcgan  # registers the DCGAN classes for pickles
+from taxogan_ext.augment_allow import describe as describe_augment
+from taxogan_ext.augment_allow import resolve_augment_kwargs
+from taxogan_ext.lecam import LECAM_HELP, LeCamRegularizer
+
+# NVIDIA's configuration presets (stylegan2-ada-pytorch); 'auto' is filled in from the resolution and --gpus.
+CFG_SPECS = {
+    'auto':      dict(ref_gpus=-1, kimg=25000,  mb=-1, mbstd=-1, fmaps=-1,  lrate=-1,     gamma=-1,   ema=-1,  ramp=0.05, map=2),
+    'stylegan2': dict(ref_gpus=8,  kimg=25000,  mb=32, mbstd=4,  fmaps=1,   lrate=0.002,  gamma=10,   ema=10,  ramp=None, map=8),
+    'paper256':  dict(ref_gpus=8,  kimg=25000,  mb=64, mbstd=8,  fmaps=0.5, lrate=0.0025, gamma=1,    ema=20,  ramp=None, map=8),
+    'paper512':  dict(ref_gpus=8,  kimg=25000,  mb=64, mbstd=8,  fmaps=1,   lrate=0.0025, gamma=0.5,  ema=20,  ramp=None, map=8),
+    'paper1024': dict(ref_gpus=8,  kimg=25000,  mb=32, mbstd=4,  fmaps=1,   lrate=0.002,  gamma=2,    ema=10,  ramp=None, map=8),
+    'cifar':     dict(ref_gpus=2,  kimg=100000, mb=64, mbstd=32, fmaps=1,   lrate=0.0025, gamma=0.01, ema=500, ramp=0.05, map=2),
+}
+
+
+def cfg_spec(cfg, resolution, gpus):
+    """The preset's values; 'auto' derives batch, gamma and EMA from the resolution as NVIDIA does."""
+    spec = dict(CFG_SPECS[cfg])
+    if cfg == 'auto':
+        spec['ref_gpus'] = gpus
+        spec['mb'] = max(min(gpus * min(4096 // resolution, 32), 64), gpus)
+        spec['mbstd'] = min(spec['mb'] // gpus, 4)
+        spec['fmaps'] = 1 if resolution >= 512 else 0.5
+        spec['lrate'] = 0.002 if resolution >= 1024 else 0.0025
+        spec['gamma'] = 0.0002 * (resolution ** 2) / spec['mb']
+        spec['ema'] = spec['mb'] * 10 / 32
+    return spec
+
+
+def _fail(message):
+    raise click.ClickException(message)
+
+
+def build_config(opts, training_set):
+    """All training settings as one plain, JSON-serialisable dict (written to training_options.json)."""
+    res = training_set.resolution
+    gpus = opts['gpus']
+    spec = cfg_spec(opts['cfg'], res, gpus)
+    batch = opts['batch'] if opts['batch'] is not None else spec['mb']
+    if batch % gpus != 0:
+        _fail(f'--batch {batch} must be a multiple of --gpus {gpus}')
+    batch_gpu = opts['batch_gpu'] if opts['batch_gpu'] is not None else batch // gpus
+    if batch % (batch_gpu * gpus) != 0:
+        _fail(f'--batch {batch} must be a multiple of --batch-gpu x --gpus = {batch_gpu * gpus}')
+    # Default group: the largest divisor of the per-process batch not above the preset's.
+    mbstd = opts['mbstd_group'] if opts['mbstd_group'] is not None else max(g for g in range(1, min(spec['mbstd'], batch_gpu) + 1) if batch_gpu % g == 0)
+    if batch_gpu % mbstd != 0:
+        _fail(f'--mbstd-group {mbstd} must divide the per-process batch {batch_gpu}')
+    channel_base = opts['cbase'] if opts['cbase'] is not None else int(spec['fmaps'] * 32768)
+    channel_max = opts['cmax'] if opts['cmax'] is not None else 512
+    device = _pick_device(opts['device'])
+    fp32 = opts['fp32'] or device == 'cpu'
+
+    c = dict(model=opts['model'], device=device, num_gpus=gpus, random_seed=opts['seed'])
+    c['training_set_kwargs'] = dict(path=opts['data'], use_labels=opts['cond'], max_size=opts['subset'], xflip=opts['mirror'],
+                                    resolution=res, random_seed=opts['seed'])
+    workers = opts['workers'] if opts['workers'] is not None else (3 if device == 'cuda' else 0)
+    c['data_loader_kwargs'] = dict(num_workers=workers, pin_memory=(device == 'cuda'), **({'prefetch_factor': 2} if workers > 0 else {}))
+    c['batch_size'] = batch
+    c['batch_gpu'] = batch_gpu
+    c['total_kimg'] = opts['kimg'] if opts['kimg'] is not None else spec['kimg']
+    c['kimg_per_tick'] = opts['tick']
+    c['image_snapshot_ticks'] = c['network_snapshot_ticks'] = opts['snap']
+    c['metrics'] = [m for m in opts['metrics'].split(',') if m and m != 'none']
+    c['detector'] = opts['detector']
+    c['cudnn_benchmark'] = not opts['nobench']
+    c['allow_tf32'] = opts['allow_tf32']
+
+    if opts['model'] == 'dcgan':
+        defaults = dcgan.DCGAN_DEFAULTS
+        c['G_class'] = f'{dcgan.DCGANGenerator.__module__}.{dcgan.DCGANGenerator.__qualname__}'
+        c['D_class'] = f'{dcgan.DCGANDiscriminator.__module__}.{dcgan.DCGANDiscriminator.__qualname__}'
+        c['G_kwargs'] = dict(z_dim=100, ngf=opts['cbase'] // 64 if opts['cbase'] else 64)
+        c['D_kwargs'] = dict(ndf=opts['cbase'] // 64 if opts['cbase'] else 64)
+        c['G_opt_kwargs'] = dict(defaults['G_opt'])
+        c['D_opt_kwargs'] = dict(defaults['D_opt'])
+        c['loss_kwargs'] = dict(r1_gamma=defaults['r1_gamma'], pl_weight=defaults['pl_weight'], style_mixing_prob=defaults['style_mixing_prob'])
+        c['ema_kimg'], c['ema_rampup'] = defaults['ema_kimg'], None
+        c['G_reg_interval'] = c['D_reg_interval'] = None
+        c['augment_kwargs'] = None
+        c['augment_p'], c['ada_target'] = 0, None
+        c['augment_names'] = []
+    else:
+        c['G_class'] = 'stylegan2ada.networks.Generator'
+        c['D_class'] = 'stylegan2ada.networks.Discriminator'
+        c['G_kwargs'] = dict(z_dim=opts['zdim'], w_dim=opts['zdim'],
+                             mapping_kwargs=dict(num_layers=opts['map'] if opts['map'] is not None else spec['map']),
+                             synthesis_kwargs=dict(channel_base=channel_base, channel_max=channel_max,
+                                                   num_fp16_res=0 if fp32 else 4, conv_clamp=None if fp32 else 256))
+        c['D_kwargs'] = dict(architecture='orig' if opts['cfg'] == 'cifar' else 'resnet', channel_base=channel_base, channel_max=channel_max,
+                             num_fp16_res=0 if fp32 else 4, conv_clamp=None if fp32 else 256,
+                             block_kwargs=dict(freeze_layers=opts['freezed']), mapping_kwargs={},
+                             epilogue_kwargs=dict(mbstd_group_size=mbstd))
+        if opts['nhwc']:
+            c['G_kwargs']['synthesis_kwargs']['fp16_channels_last'] = True
+            c['D_kwargs']['block_kwargs']['fp16_channels_last'] = True
+        glr = opts['glr'] if opts['glr'] is not None else spec['lrate']
+        dlr = opts['dlr'] if opts['dlr'] is not None else spec['lrate']
+        c['G_opt_kwargs'] = dict(lr=glr, betas=[0, 0.99], eps=1e-8)
+        c['D_opt_kwargs'] = dict(lr=dlr, betas=[0, 0.99], eps=1e-8)
+        c['loss_kwargs'] = dict(r1_gamma=opts['gamma'] if opts['gamma'] is not None else spec['gamma'])
+        if opts['cfg'] == 'cifar':
+            c['loss_kwargs'].update(pl_weight=0, style_mixing_prob=0)
+        c['ema_kimg'] = spec['ema']
+        c['ema_rampup'] = spec['ramp']
+        c['G_reg_interval'], c['D_reg_interval'] = 4, 16
+
+        # Augmentation: --aug chooses how p evolves, --augpipe / --aug-allow / --aug-deny which transforms.
+        if opts['aug'] == 'noaug':
+            if opts['aug_allow'] or opts['aug_deny']:
+                _fail('--aug-allow/--aug-deny need augmentation: use --aug ada or --aug fixed')
+            c['augment_kwargs'], c['augment_names'] = None, []
+            c['augment_p'], c['ada_target'] = 0, None
+        else:
+            # --aug-allow alone picks from all transforms; otherwise the preset (default bgc) is filtered.
+            augpipe = opts['augpipe'] or (None if opts['aug_allow'] else 'bgc')
+            try:
+                augment_kwargs = resolve_augment_kwargs(augpipe, opts['aug_allow'], opts['aug_deny'])
+            except ValueError as exc:
+                _fail(str(exc))
+            c['augment_kwargs'] = augment_kwargs
+            c['augment_names'] = [name for name, v in augment_kwargs.items() if v]
+            if opts['aug'] == 'ada':
+                c['augment_p'] = opts['p'] if opts['p'] is not None else 0
+                c['ada_target'] = opts['target']
+            else:
+                c['augment_p'] = opts['p'] if opts['p'] is not None else 0.2
+                c['ada_target'] = None
+        c['lecam_kwargs'] = dict(weight=opts['lecam_weight'], decay=opts['lecam_decay'], start_kimg=opts['lecam_start_kimg'])
+
+    c['ada_kimg'] = 500
+    c['resume_pkl'] = opts['resume']
+    c['resume_mode'] = opts['resume_mode']
+    if opts['resume'] is not None and c['resume_mode'] != 'full':
+        c['ada_kimg'] = 100          # fine-tuning: let ADA react faster, as NVIDIA does
+        c['ema_rampup'] = None       # and no EMA ramp-up: the network is already trained
+    if opts['freezed'] and opts['model'] == 'dcgan':
+        _fail('--freezed applies to the StyleGAN2 discriminator only')
+    return c
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _pick_device(device):
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cuda' and not torch.cuda.is_available():
+        _fail('--device cuda asked for, but no CUDA device is available')
+    return device
+
+
+def run_description(opts, config, dataset_name):
+    """NVIDIA-style run folder suffix, e.g. Calanoida-auto-gamma0.5-kimg2-batch8-ada-bgc."""
+    desc = f'{dataset_name}-{"cond-" if opts["cond"] else ""}{opts["model"] if opts["model"] != "stylegan2" else opts["cfg"]}'
+    desc += f'-kimg{config["total_kimg"]:g}-batch{config["batch_size"]}'
+    if opts['model'] == 'stylegan2':
+        desc += f'-gamma{config["loss_kwargs"]["r1_gamma"]:g}-{opts["aug"]}'
+        if config['augment_names']:
+            desc += '-' + (opts['augpipe'] or ('allow' if opts['aug_allow'] else 'bgc'))
+        if opts['lecam_weight']:
+            desc += f'-lecam{opts["lecam_weight"]:g}'
+        if opts['freezed']:
+            desc += f'-freezed{opts["freezed"]}'
+    if opts['resume']:
+        desc += '-resume'
+    return re.sub(r'[^A-Za-z0-9_.+-]', '_', desc)
+
+
+def next_run_dir(outdir, desc):
+    """outdir/NNNNN-desc with the next free run id."""
+    ids = [int(m.group(1)) for name in (os.listdir(outdir) if os.path.isdir(outdir) else []) if (m := re.match(r'^(\d+)-', name))]
+    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+
+
+def subprocess_fn(rank, init_file, config, run_dir, progress_callback=None):
+    """Entry point of each training process (rank 0 alone when --gpus 1)."""
+    distributed.init_process_group(rank, config['num_gpus'], config['device'], init_file)
+    device = config['device']
+    if device == 'cuda':
+        device = f'cuda:{rank % torch.cuda.device_count()}'
+        torch.cuda.set_device(device)
+    extra_d_terms = []
+    lecam = config.get('lecam_kwargs')
+    if lecam and lecam['weight'] > 0:
+        extra_d_terms.append(LeCamRegularizer(**lecam))
+    keys = ['training_set_kwargs', 'data_loader_kwargs', 'G_class', 'D_class', 'G_kwargs', 'D_kwargs', 'G_opt_kwargs', 'D_opt_kwargs',
+            'augment_kwargs', 'loss_kwargs', 'metrics', 'detector', 'random_seed', 'num_gpus', 'batch_size', 'batch_gpu', 'ema_kimg',
+            'ema_rampup', 'G_reg_interval', 'D_reg_interval', 'augment_p', 'ada_target', 'ada_kimg', 'total_kimg', 'kimg_per_tick',
+            'image_snapshot_ticks', 'network_snapshot_ticks', 'resume_pkl', 'resume_mode', 'cudnn_benchmark', 'allow_tf32']
+    try:
+        return training_loop(run_dir=run_dir, rank=rank, device=device, extra_d_terms=extra_d_terms,
+                             progress_callback=progress_callback, **{k: config[k] for k in keys})
+    finally:
+        distributed.destroy_process_group()
+
+
+def launch_training(config, run_dir, progress_callback=None):
+    """Write training_options.json into run_dir and train (spawning processes for --gpus > 1)."""
+    os.makedirs(run_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix='.tmp-', suffix='.json')
+    with os.fdopen(fd, 'w') as f:
+        json.dump(config, f, indent=2)
+    os.replace(tmp, os.path.join(run_dir, 'training_options.json'))
+    torchrun = distributed.torchrun_env()
+    if torchrun is not None:
+        rank, world_size, _ = torchrun
+        if world_size != config['num_gpus']:
+            _fail(f'torchrun started {world_size} processes but --gpus is {config["num_gpus"]}')
+        return subprocess_fn(rank, None, config, run_dir)
+    if config['num_gpus'] == 1:
+        return subprocess_fn(0, None, config, run_dir, progress_callback)
+    torch.multiprocessing.set_start_method('spawn', force=True)
+    distributed.spawn(subprocess_fn, config['num_gpus'], args=(config, run_dir))
+    return latest_snapshot(run_dir)
+
+
+@click.command(context_settings=dict(max_content_width=120))
+# Main options.
+@click.option('--outdir',       help='Where to make the run folder (outdir/NNNNN-desc)', metavar='DIR', type=str)
+@click.option('--run-dir',      help='Exact run folder instead of --outdir; if it holds snapshots, training resumes from the newest', metavar='DIR', type=str)
+@click.option('--data',         help='Training data (.zip or folder of square PNG/JPEG images)', metavar='[ZIP|DIR]', type=str, required=True)
+@click.option('--gpus',         help='Number of processes (GPUs, or CPU processes with gloo)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--model',        help='Network family: StyleGAN2 or the DCGAN baseline', type=click.Choice(['stylegan2', 'dcgan']), default='stylegan2', show_default=True)
+@click.option('--cfg',          help='Base configuration (NVIDIA presets)', type=click.Choice(sorted(CFG_SPECS)), default='auto', show_default=True)
+@click.option('--cond',         help='Train a class-conditional network (labels from dataset.json)', is_flag=True)
+@click.option('--subset',       help='Train on a random subset of this many images', metavar='INT', type=click.IntRange(min=1))
+@click.option('--mirror',       help='Enable dataset x-flips', is_flag=True)
+@click.option('--seed',         help='Random seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--dry-run',      help='Print the training options and exit', is_flag=True)
+# Hyperparameters.
+@click.option('--kimg',         help='Training length in thousands of images [default: from --cfg]', metavar='KIMG', type=click.FloatRange(min=0, min_open=True))
+@click.option('--batch',        help='Total batch size [default: from --cfg]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--batch-gpu',    help='Batch size per process and round (gradient accumulation) [default: batch / gpus]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--gamma',        help='R1 regularization weight [default: from --cfg]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--zdim',         help='Latent (z and w) dimensionality', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True)
+@click.option('--cbase',        help='Capacity multiplier (channel_base) [default: from --cfg]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--cmax',         help='Max. feature maps per layer [default: 512]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--map',          help='Mapping network depth [default: from --cfg]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--glr',          help='G learning rate [default: from --cfg]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--dlr',          help='D learning rate [default: from --cfg]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--mbstd-group',  help='Minibatch std group size [default: from --cfg]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--freezed',      help='Freeze-D: freeze the first N layers of D (from the highest resolution)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--lecam-weight', help='LeCam regularization weight (0 = off). ' + LECAM_HELP, metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--lecam-decay',  help='Decay of the LeCam EMAs of the real and fake logits', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.99, show_default=True)
+@click.option('--lecam-start-kimg', help='Apply LeCam from this kimg on', metavar='KIMG', type=click.FloatRange(min=0), default=0, show_default=True)
+# Augmentation.
+@click.option('--aug',          help='Augmentation mode', type=click.Choice(['ada', 'noaug', 'fixed']), default='ada', show_default=True)
+@click.option('--p',            help='Augmentation probability for --aug fixed (initial p for ada)', metavar='FLOAT', type=click.FloatRange(min=0, max=1))
+@click.option('--target',       help='ADA target value for r_t', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.6, show_default=True)
+@click.option('--augpipe',      help='Augmentation pipeline preset [default: bgc]', type=click.Choice(['blit', 'geom', 'color', 'filter', 'noise', 'cutout', 'bg', 'bgc', 'bgcf', 'bgcfn', 'bgcfnc']))
+@click.option('--aug-allow',    help='Keep only these transforms (comma list; sets leakfree-color, leakfree-geom)', metavar='LIST', type=str)
+@click.option('--aug-deny',     help='Remove these transforms (comma list)', metavar='LIST', type=str)
+# Transfer learning.
+@click.option('--resume',       help='Resume from a network pickle (ours or NVIDIA\'s) or a run folder (its newest snapshot)', metavar='[PKL|DIR]', type=str)
+@click.option('--resume-mode',  help='full = continue the run (progress, optimizers, p); weights = fine-tune from 0; auto = full for our snapshots', type=click.Choice(['auto', 'full', 'weights']), default='auto', show_default=True)
+# Evaluation and I/O.
+@click.option('--metrics',      help='Metrics at each snapshot (comma list, or none)', metavar='LIST', type=str, default='none', show_default=True)
+@click.option('--detector',     help='Feature detector for the metrics: inception, taxon:PATH or a TorchScript path', metavar='NAME', type=str, default='inception', show_default=True)
+@click.option('--snap',         help='Snapshot interval in ticks', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--tick',         help='Progress report interval in kimg', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=4, show_default=True)
+# Performance-related.
+@click.option('--device',       help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
+@click.option('--fp32',         help='Disable mixed precision (always on CPU)', is_flag=True)
+@click.option('--nhwc',         help='channels_last for fp16 layers', is_flag=True)
+@click.option('--allow-tf32',   help='Allow TF32 for convolutions and matmul', is_flag=True)
+@click.option('--nobench',      help='Disable cuDNN benchmarking', is_flag=True)
+@click.option('--workers',      help='DataLoader worker processes [default: 3 on CUDA, 0 on CPU]', metavar='INT', type=click.IntRange(min=0))
+def main(**kwargs):
+    """Train a StyleGAN2-ADA network (or the DCGAN baseline) on one dataset.
+
+    \b
+    Examples:
+    # 256 px on one GPU with ADA and LeCam:
+    python train.py --outdir runs --data datasets/Calanoida.zip --gpus 1 --lecam-weight 0.0001
+    # Fine-tune from a pickle with a leak-free augmentation whitelist and Freeze-D:
+    python train.py --outdir runs --data datasets/Harpacticoida.zip --resume copepoda.pkl --aug-allow leakfree-geom --freezed 10
+    # Continue a killed run:
+    python train.py --run-dir runs/00003-Calanoida-auto-... --data datasets/Calanoida.zip
+    """
+    final = run_training(dict(kwargs))
+    if final is not None:
+        click.echo(f'Final snapshot: {final}')
+
+
+def default_options(**overrides):
+    """train.py's options with their defaults (as main() receives them), updated with overrides."""
+    opts = {param.name: param.default for param in main.params}
+    unknown = sorted(set(overrides) - set(opts))
+    if unknown:
+        raise click.ClickException(f'unknown train.py option(s): {", ".join(unknown)}')
+    opts.update(overrides)
+    return opts
+
+
+def run_training(
+    opts,                       # dict of train.py options (see default_options)
+    progress_callback = None,   # f(cur_nimg, total_nimg) each tick (single process only); None = nothing
+):
+    """Validate the options, write the run folder and train; returns the final snapshot (None for --dry-run)."""
+    opts = dict(opts)
+    if (opts['outdir'] is None) == (opts['run_dir'] is None):
+        _fail('give exactly one of --outdir (new numbered run folder) or --run-dir (exact folder)')
+
+    # Resume source: a run folder means its newest snapshot.
+    if opts['resume'] is not None:
+        if os.path.isdir(opts['resume']):
+            snap = latest_snapshot(opts['resume'])
+            if snap is None:
+                _fail(f'{opts["resume"]}: no network-snapshot-*.pkl in this folder')
+            opts['resume'] = snap
+        elif not os.path.isfile(opts['resume']):
+            _fail(f'{opts["resume"]}: no such file or folder')
+    if opts['run_dir'] is not None and opts['resume'] is None:
+        snap = latest_snapshot(opts['run_dir'])
+        if snap is not None:
+            opts['resume'], opts['resume_mode'] = snap, 'full'
+    if opts['resume'] is not None:
+        try:
+            resume_data = load_network_pkl(opts['resume'])
+        except NetworkPickleError as exc:
+            _fail(str(exc))
+        if opts['resume_mode'] == 'full' and resume_data.get('progress') is None:
+            _fail(f'{opts["resume"]}: --resume-mode full needs one of our snapshots (this pickle has no training progress)')
+        del resume_data
+
+    # Dataset: checked once here so bad data fails in one line before anything starts.
+    try:
+        training_set = ImageFolderDataset(path=opts['data'], use_labels=opts['cond'], max_size=opts['subset'], xflip=opts['mirror'])
+    except DatasetError as exc:
+        _fail(str(exc))
+    if opts['cond'] and not training_set.has_labels:
+        _fail(f'{opts["data"]}: --cond needs labels in dataset.json')
+
+    config = build_config(opts, training_set)
+    dataset_name = training_set.name
+    run_dir = opts['run_dir'] or next_run_dir(opts['outdir'], run_description(opts, config, dataset_name))
+    config['run_dir'] = run_dir
+
+    click.echo(f'Training options:\n{json.dumps(config, indent=2)}\n')
+    click.echo(f'Output directory:    {run_dir}')
+    click.echo(f'Dataset:             {opts["data"]} ({len(training_set)} images, {training_set.resolution} px, {training_set.num_channels} ch)')
+    click.echo(f'Model:               {config["model"]} on {config["device"]}, {config["num_gpus"]} process(es), batch {config["batch_size"]}')
+    click.echo(f'Augmentations:       {describe_augment(config["augment_kwargs"]) if config["augment_kwargs"] else "none"}')
+    if opts['dry_run']:
+        click.echo('Dry run; exiting.')
+        return None
+    del training_set
+
+    # SIGTERM behaves like Ctrl-C: the loop writes a snapshot before exiting.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        return launch_training(config, run_dir, progress_callback)
+    except TrainingInterrupted as exc:
+        raise click.ClickException(f'{exc}; continue with: python train.py --run-dir {run_dir} --data {opts["data"]}') from None
+    except TrainingDivergedError as exc:
+        raise click.ClickException(f'training diverged: {exc}') from None
+    except (DatasetError, NetworkPickleError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+if __name__ == '__main__':
+    main()  # pylint: disable=no-value-for-parameter
