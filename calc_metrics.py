@@ -1,0 +1,244 @@
+"""Compute FID / KID / taxon accuracy of a network pickle against a dataset; train the offline taxon detector."""
+
+import copy
+import os
+import tempfile
+
+import click
+import torch
+
+from stylegan2ada.dataset import DatasetError, ImageFolderDataset
+from stylegan2ada.metrics import metric_main
+from stylegan2ada.metrics.detectors import DetectorError, train_taxon_classifier
+from stylegan2ada.metrics.metric_main import MetricError
+from stylegan2ada.metrics.taxa import TaxonError
+import taxogan_ext.dcgan  # noqa: F401  registers the DCGAN baseline's classes for pickles
+
+USER_ERRORS = (DatasetError, DetectorError, MetricError, TaxonError)
+
+
+def pick_device(device, rank=0):
+    """'auto' -> cuda:<rank> when available, else cpu."""
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cuda':
+        if not torch.cuda.is_available():
+            raise click.ClickException('--device cuda asked for, but no CUDA device is available')
+        return torch.device('cuda', rank % torch.cuda.device_count())
+    return torch.device(device)
+
+
+def _parse_list(text):
+    return [item.strip() for item in text.split(',') if item.strip()]
+
+
+def load_generator(network_pkl):
+    """(G_ema or G, the pickle's training_set_kwargs or None); ClickException on a missing or bad pickle."""
+    if not os.path.isfile(network_pkl):
+        raise click.ClickException(f'{network_pkl}: no such network pickle')
+    try:
+        from stylegan2ada.pickles import NetworkPickleError, load_network_pkl  # written alongside; imported when needed
+    except ImportError as exc:
+        raise click.ClickException(f'cannot read network pickles: stylegan2ada.pickles is not available ({exc})') from None
+    try:
+        data = load_network_pkl(network_pkl)
+    except NetworkPickleError as exc:
+        raise click.ClickException(str(exc)) from None
+    G = data.get('G_ema') if data.get('G_ema') is not None else data.get('G')
+    if G is None:
+        raise click.ClickException(f'{network_pkl}: the pickle holds no generator')
+    kwargs = data.get('training_set_kwargs')
+    return G, (dict(kwargs) if kwargs else None)
+
+
+def dataset_kwargs_for(G, pkl_kwargs, data, mirror, network_pkl):
+    """Real-image dataset kwargs: --data (or the pickle's training set), labels as G needs, resolution of G."""
+    if data is None:
+        if not pkl_kwargs or not pkl_kwargs.get('path'):
+            raise click.ClickException(f'{network_pkl}: the pickle does not name its training set; pass --data')
+        kwargs = dict(pkl_kwargs)
+        kwargs.pop('class_name', None)   # NVIDIA's pickles name their dataset class; ours is the only one
+    else:
+        kwargs = dict(path=data, max_size=None, xflip=bool((pkl_kwargs or {}).get('xflip', False)), random_seed=0)
+    if mirror is not None:
+        kwargs['xflip'] = mirror
+    kwargs.update(resolution=G.img_resolution, use_labels=G.c_dim > 0)
+    return kwargs
+
+
+def _run_metrics(rank, c, temp_dir):
+    """Compute every metric in one process (rank) and report on rank 0."""
+    if c['num_gpus'] > 1:
+        backend = 'nccl' if c['device'] == 'cuda' else 'gloo'
+        if c['device'] != 'cuda':
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // c['num_gpus']))  # share the cores, do not oversubscribe
+        torch.distributed.init_process_group(backend=backend, init_method=f'file://{os.path.join(temp_dir, ".torch_distributed_init")}',
+                                             rank=rank, world_size=c['num_gpus'])
+    device = pick_device(c['device'], rank)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    G, _ = load_generator(c['network_pkl'])
+    G = copy.deepcopy(G).eval().requires_grad_(False).to(device)
+    results = []
+    for metric in c['metrics']:
+        result = metric_main.calc_metric(metric, G, c['dataset_kwargs'], detector=c['detectors'], num_gpus=c['num_gpus'], rank=rank,
+                                         device=device, progress=c['progress'], cache_dir=c['cache_dir'], batch_size=c['batch_size'],
+                                         seed=c['seed'], taxon=c['taxon'])
+        if rank == 0:
+            path = metric_main.report_metric(result, c['run_dir'], c['network_pkl'])
+            click.echo(f'{metric_main.format_metric_result(result)} -> {path}')
+        results.append(result)
+    if c['num_gpus'] > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return results
+
+
+def _subprocess_fn(rank, c, temp_dir):
+    try:
+        _run_metrics(rank, c, temp_dir)
+    except USER_ERRORS as exc:
+        raise SystemExit(f'rank {rank}: {exc}') from None
+
+
+def calc_metrics(c):
+    """Run the metrics of config dict c in one process or in c['num_gpus'] processes; returns rank 0's results."""
+    if c['num_gpus'] == 1:
+        return _run_metrics(0, c, None)
+    with tempfile.TemporaryDirectory() as temp_dir:
+        torch.multiprocessing.spawn(fn=_subprocess_fn, args=(c, temp_dir), nprocs=c['num_gpus'])
+    return None
+
+
+#----------------------------------------------------------------------------
+
+@click.group(invoke_without_command=True)
+@click.pass_context
+# Main options.
+@click.option('--network', 'network_pkl', help='Network pickle to evaluate', metavar='PKL', type=str, default=None)
+@click.option('--data',                   help='Real images: dataset zip or folder  [default: the pickle\'s training set]', metavar='ZIP', type=str, default=None)
+@click.option('--metrics',                help='Comma-separated metrics, e.g. fid50k_full,kid50k_full,acc_taxon', metavar='LIST', type=str, default='fid50k_full', show_default=True)
+@click.option('--detector', 'detectors',  help='inception, taxon:PATH or a TorchScript PATH; repeat to give both kinds', metavar='SPEC', type=str, multiple=True, default=('inception',), show_default=True)
+@click.option('--taxon',                  help='Taxon of an unconditional generator for acc_taxon  [default: from the manifest]', metavar='NAME', type=str, default=None)
+# Hyperparameters.
+@click.option('--mirror',                 help='Mirror the reals of the non-_full metrics  [default: as in the pickle]', metavar='BOOL', type=bool, default=None)
+@click.option('--seed',                   help='Seed of latents, labels, noise and KID subsets', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+# Performance-related.
+@click.option('--gpus', 'num_gpus',       help='Number of processes (GPUs, or CPU processes with gloo)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--batch', 'batch_size',    help='Images per detector call', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--device',                 help='Device to run on', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
+# I/O-related.
+@click.option('--cache', 'cache_dir',     help='Detector and real-feature cache  [default: $TAXOGAN_CACHE or ~/.cache/taxogan]', metavar='DIR', type=str, default=None)
+@click.option('--run-dir',                help='Where metric-<name>.jsonl is appended  [default: beside the pickle]', metavar='DIR', type=str, default=None)
+@click.option('--quiet',                  help='No progress bars', is_flag=True)
+def main(ctx, **kwargs):
+    """Compute metrics of a network pickle; or train / check the offline taxon detector (see the subcommands).
+
+    \b
+    Examples:
+    python calc_metrics.py --network runs/exp/network-snapshot-000400.pkl --data datasets/Calanoida.zip \\
+        --metrics fid50k_full,kid50k_full
+    python calc_metrics.py train-detector --data datasets/ --out taxon.pt
+    python calc_metrics.py --network net.pkl --data datasets/Calanoida.zip --metrics fid2k_full,acc_taxon \\
+        --detector taxon:taxon.pt
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    opts = dict(kwargs)
+    if opts['network_pkl'] is None:
+        raise click.ClickException('--network is required (or use a subcommand: train-detector, eval-detector)')
+    metrics = _parse_list(opts['metrics'])
+    if not metrics:
+        raise click.ClickException('--metrics is empty')
+    used = {}
+    try:
+        for metric in metrics:
+            spec = metric_main.parse_metric_name(metric)
+            detector, _name = metric_main.select_detector(spec, list(opts['detectors']), cache_dir=opts['cache_dir'])
+            used[detector.spec] = detector
+    except USER_ERRORS as exc:
+        raise click.ClickException(str(exc)) from None
+
+    G, pkl_kwargs = load_generator(opts['network_pkl'])
+    dataset_kwargs = dataset_kwargs_for(G, pkl_kwargs, opts['data'], opts['mirror'], opts['network_pkl'])
+    c = dict(network_pkl=opts['network_pkl'], metrics=metrics, detectors=list(opts['detectors']), dataset_kwargs=dataset_kwargs,
+             taxon=opts['taxon'], seed=opts['seed'], num_gpus=opts['num_gpus'], batch_size=opts['batch_size'],
+             device=opts['device'] if opts['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu'),
+             cache_dir=opts['cache_dir'], run_dir=opts['run_dir'] or os.path.dirname(os.path.abspath(opts['network_pkl'])),
+             progress=not opts['quiet'])
+    if c['device'] == 'cuda' and c['num_gpus'] > torch.cuda.device_count():
+        raise click.ClickException(f'--gpus {c["num_gpus"]}: only {torch.cuda.device_count()} CUDA devices')
+
+    # Fail early, before any process starts: the dataset must read, the detectors must be there.
+    try:
+        dataset = ImageFolderDataset(**dataset_kwargs)
+        if G.c_dim and dataset.label_dim != G.c_dim:
+            raise click.ClickException(f'{dataset.path}: the generator has {G.c_dim} classes but the dataset labels have '
+                                       f'{dataset.label_dim} (dataset.json)')
+        for detector in used.values():
+            _ = detector.id   # finds (or downloads) and hashes the file now
+        calc_metrics(c)
+    except USER_ERRORS as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command('train-detector')
+# Main options.
+@click.option('--data',                   help='Datasets folder with manifest.json, or one dataset zip with class labels', metavar='DIR', type=str, required=True)
+@click.option('--out',                    help='Where to save the detector (TorchScript)', metavar='PT', type=str, required=True)
+@click.option('--rank',                   help='Manifest rank whose taxa are the classes  [default: the lowest]', metavar='NAME', type=str, default=None)
+# Hyperparameters.
+@click.option('--res', 'resolution',      help='Classifier resolution (pixels)', metavar='INT', type=click.IntRange(min=8), default=64, show_default=True)
+@click.option('--epochs',                 help='Training epochs', metavar='INT', type=click.IntRange(min=1), default=30, show_default=True)
+@click.option('--lr',                     help='Learning rate (Adam, cosine decay)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True)
+@click.option('--heldout',                help='Share of each class held out', metavar='FLOAT', type=click.FloatRange(min=0.01, max=0.9), default=0.2, show_default=True)
+@click.option('--seed',                   help='Seed of the split, initialisation and augmentation', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+# Performance-related.
+@click.option('--batch', 'batch_size',    help='Images per step', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--device',                 help='Device to train on', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
+def train_detector(**kwargs):
+    """Train the taxon classifier used by the *_taxon metrics and acc_taxon.
+
+    \b
+    Example:
+    python calc_metrics.py train-detector --data datasets/ --out taxon.pt
+    """
+    opts = dict(kwargs)
+    c = dict(data=opts['data'], out=opts['out'], rank=opts['rank'], resolution=opts['resolution'], epochs=opts['epochs'],
+             lr=opts['lr'], heldout_fraction=opts['heldout'], seed=opts['seed'], batch_size=opts['batch_size'],
+             device=pick_device(opts['device']))
+    if not os.path.exists(c['data']):
+        raise click.ClickException(f'{c["data"]}: no such file or folder')
+    try:
+        meta = train_taxon_classifier(**c)
+        check = metric_main.calc_taxon_accuracy_on_reals(f'taxon:{c["out"]}', data=c['data'], device=c['device'])
+    except USER_ERRORS as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f'classes: ' + ', '.join(f'{n} ({meta["num_images_per_class"][n]})' for n in meta['class_names']))
+    click.echo(f'trained on {meta["num_train"]} images, held out {meta["num_heldout"]}')
+    click.echo(f'held-out accuracy: {meta["heldout_accuracy"]:.4f} (' +
+               ', '.join(f'{n} {a:.3f}' for n, a in meta['heldout_accuracy_per_class'].items()) + ')')
+    click.echo(f'acc_taxon of the held-out real images: {check["acc_taxon"]:.4f}')
+    click.echo(f'saved {c["out"]}')
+
+
+@main.command('eval-detector')
+@click.option('--detector', 'detector',   help='Taxon detector file', metavar='PT', type=str, required=True)
+@click.option('--data',                   help='The data it was trained on  [default: as recorded in the file]', metavar='DIR', type=str, default=None)
+@click.option('--device',                 help='Device to run on', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
+def eval_detector(**kwargs):
+    """Print acc_taxon of the taxon detector's held-out real images, per taxon and overall."""
+    opts = dict(kwargs)
+    spec = opts['detector'] if opts['detector'].startswith('taxon:') else f'taxon:{opts["detector"]}'
+    try:
+        result = metric_main.calc_taxon_accuracy_on_reals(spec, data=opts['data'], device=pick_device(opts['device']))
+    except USER_ERRORS as exc:
+        raise click.ClickException(str(exc)) from None
+    for name, acc in result['per_taxon'].items():
+        click.echo(f'acc_taxon {name}: {acc:.4f}')
+    click.echo(f'acc_taxon (all {result["num_images"]} held-out images): {result["acc_taxon"]:.4f}; '
+               f'recorded held-out accuracy: {result["heldout_accuracy"]:.4f}')
+
+
+if __name__ == '__main__':
+    main()  # pylint: disable=no-value-for-parameter
