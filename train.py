@@ -11,6 +11,8 @@ import torch
 
 from stylegan2ada import distributed
 from stylegan2ada.dataset import DatasetError, ImageFolderDataset
+from stylegan2ada.metrics.detectors import DetectorError, resolve_detector
+from stylegan2ada.metrics.metric_main import MetricError, parse_metric_name
 from stylegan2ada.pickles import NetworkPickleError, load_network_pkl
 from stylegan2ada.training_loop import TrainingDivergedError, TrainingInterrupted, latest_snapshot, training_loop
 from taxogan_ext import dcgan  # registers the DCGAN classes for pickles
@@ -78,6 +80,11 @@ def build_config(opts, training_set):
     c['kimg_per_tick'] = opts['tick']
     c['image_snapshot_ticks'] = c['network_snapshot_ticks'] = opts['snap']
     c['metrics'] = [m for m in opts['metrics'].split(',') if m and m != 'none']
+    for metric in c['metrics']:
+        try:
+            parse_metric_name(metric)
+        except MetricError as exc:
+            _fail(str(exc))
     c['detector'] = opts['detector']
     c['cudnn_benchmark'] = not opts['nobench']
     c['allow_tf32'] = opts['allow_tf32']
@@ -195,7 +202,9 @@ def subprocess_fn(rank, init_file, config, run_dir, progress_callback=None):
     distributed.init_process_group(rank, config['num_gpus'], config['device'], init_file)
     device = config['device']
     if device == 'cuda':
-        device = f'cuda:{rank % torch.cuda.device_count()}'
+        torchrun = distributed.torchrun_env()
+        local_rank = torchrun[2] if torchrun is not None else rank   # one GPU per process on each machine
+        device = f'cuda:{local_rank % torch.cuda.device_count()}'
         torch.cuda.set_device(device)
     extra_d_terms = []
     lecam = config.get('lecam_kwargs')
@@ -213,17 +222,21 @@ def subprocess_fn(rank, init_file, config, run_dir, progress_callback=None):
 
 
 def launch_training(config, run_dir, progress_callback=None):
-    """Write training_options.json into run_dir and train (spawning processes for --gpus > 1)."""
-    os.makedirs(run_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix='.tmp-', suffix='.json')
-    with os.fdopen(fd, 'w') as f:
-        json.dump(config, f, indent=2)
-    os.replace(tmp, os.path.join(run_dir, 'training_options.json'))
+    """Write training_options.json into run_dir and train (spawning processes for --gpus > 1, or as one torchrun rank)."""
     torchrun = distributed.torchrun_env()
     if torchrun is not None:
-        rank, world_size, _ = torchrun
-        if world_size != config['num_gpus']:
-            _fail(f'torchrun started {world_size} processes but --gpus is {config["num_gpus"]}')
+        if not config.get('run_dir_fixed'):
+            _fail('under torchrun, name the run folder with --run-dir (every process must use the same one)')
+        if torchrun[1] != config['num_gpus']:
+            _fail(f'torchrun started {torchrun[1]} processes but --gpus is {config["num_gpus"]}')
+    rank = torchrun[0] if torchrun is not None else 0
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix='.tmp-', suffix='.json')
+        with os.fdopen(fd, 'w') as f:
+            json.dump(config, f, indent=2)
+        os.replace(tmp, os.path.join(run_dir, 'training_options.json'))
+    if torchrun is not None:
         return subprocess_fn(rank, None, config, run_dir)
     if config['num_gpus'] == 1:
         return subprocess_fn(0, None, config, run_dir, progress_callback)
@@ -353,6 +366,7 @@ def run_training(
     dataset_name = training_set.name
     run_dir = opts['run_dir'] or next_run_dir(opts['outdir'], run_description(opts, config, dataset_name))
     config['run_dir'] = run_dir
+    config['run_dir_fixed'] = opts['run_dir'] is not None
 
     click.echo(f'Training options:\n{json.dumps(config, indent=2)}\n')
     click.echo(f'Output directory:    {run_dir}')
@@ -362,6 +376,11 @@ def run_training(
     if opts['dry_run']:
         click.echo('Dry run; exiting.')
         return None
+    if config['metrics']:
+        try:
+            resolve_detector(opts['detector']).path  # fails now (offline Inception, missing file), not at the first snapshot
+        except DetectorError as exc:
+            _fail(str(exc))
     del training_set
 
     # SIGTERM behaves like Ctrl-C: the loop writes a snapshot before exiting.
@@ -372,7 +391,7 @@ def run_training(
         raise click.ClickException(f'{exc}; continue with: python train.py --run-dir {run_dir} --data {opts["data"]}') from None
     except TrainingDivergedError as exc:
         raise click.ClickException(f'training diverged: {exc}') from None
-    except (DatasetError, NetworkPickleError, ValueError) as exc:
+    except (DatasetError, NetworkPickleError, DetectorError, MetricError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
 

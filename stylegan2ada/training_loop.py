@@ -340,6 +340,11 @@ def training_loop(
             pickles.save_network_pkl(path, snapshot_data(next_tick))
         return path
 
+    # The metrics' detector is loaded once (and fails now, not at the first snapshot, if it is missing).
+    if metrics:
+        from .metrics.detectors import resolve_detector
+        detector = resolve_detector(detector, progress=(rank == 0))
+
     # ADA statistics: sum and count of sign(D(real)) since the last adjustment.
     ada_signs = torch.zeros([2], dtype=torch.float64)
 
