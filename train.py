@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import tempfile
 
 import click
 import torch
@@ -14,6 +13,7 @@ from stylegan2ada.dataset import DatasetError, ImageFolderDataset
 from stylegan2ada.metrics.detectors import DetectorError, resolve_detector
 from stylegan2ada.metrics.metric_main import MetricError, parse_metric_name
 from stylegan2ada.pickles import NetworkPickleError, load_network_pkl
+from stylegan2ada.util import write_json_atomic
 from stylegan2ada.training_loop import TrainingDivergedError, TrainingInterrupted, latest_snapshot, training_loop
 from taxogan_ext import dcgan  # registers the DCGAN classes for pickles
 from taxogan_ext.augment_allow import describe as describe_augment
@@ -231,11 +231,7 @@ def launch_training(config, run_dir, progress_callback=None):
             _fail(f'torchrun started {torchrun[1]} processes but --gpus is {config["num_gpus"]}')
     rank = torchrun[0] if torchrun is not None else 0
     if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix='.tmp-', suffix='.json')
-        with os.fdopen(fd, 'w') as f:
-            json.dump(config, f, indent=2)
-        os.replace(tmp, os.path.join(run_dir, 'training_options.json'))
+        write_json_atomic(os.path.join(run_dir, 'training_options.json'), config)
     if torchrun is not None:
         return subprocess_fn(rank, None, config, run_dir)
     if config['num_gpus'] == 1:

@@ -1,11 +1,10 @@
 """Image conversions and grids shared by generation, training snapshots and reports."""
 
-import os
-import tempfile
-
 import numpy as np
 import PIL.Image
 import torch
+
+from .util import atomic_write
 
 
 def to_uint8(images):
@@ -42,17 +41,8 @@ def grid_size_for(num_images, max_width=None):
 
 def save_png_atomic(image, path):
     """Write a PIL image as PNG via a temporary file and rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.png', dir=folder)
-    os.close(fd)
-    try:
-        image.save(tmp, format='PNG')
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, 'wb') as f:
+        image.save(f, format='PNG')
 
 
 def save_image_grid(images_uint8, path, grid_size=None):

@@ -13,12 +13,12 @@ import collections
 import io
 import os
 import pickle
-import tempfile
 
 import numpy as np
 import torch
 
 from . import augment, networks
+from .util import atomic_write
 
 RECORD_KEY = '__taxogan_module__'
 PICKLE_FORMAT = 'taxogan-network/1'
@@ -275,16 +275,5 @@ def save_network_pkl(
     """Write a network pickle atomically."""
     payload = _to_records(dict(data))
     payload['format'] = PICKLE_FORMAT
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.pkl', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, 'wb', fsync=True) as f:
+        pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)

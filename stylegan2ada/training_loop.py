@@ -25,6 +25,7 @@ from .dataset import ImageFolderDataset, InfiniteSampler
 from .image_utils import grid_size_for, save_image_grid, to_uint8
 from .loss import StyleGAN2Loss
 from .training_stats import StatsCollector
+from .util import format_duration
 
 SNAPSHOT_RE = re.compile(r'^network-snapshot-(\d+)\.pkl$')
 
@@ -429,8 +430,8 @@ def training_loop(
             p_now = float(augment_pipe.p) if augment_pipe is not None else 0.0
             stats.report('Progress/augment', p_now)
             fields = [
-                f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1000:<8.3f}', f'time {_fmt_time(tick_end_time - start_time):<10s}',
-                f'sec/tick {tick_time:<7.1f}', f'sec/kimg {sec_per_kimg:<7.2f}', f'eta {_fmt_time(eta):<10s}',
+                f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1000:<8.3f}', f'time {format_duration(tick_end_time - start_time):<10s}',
+                f'sec/tick {tick_time:<7.1f}', f'sec/kimg {sec_per_kimg:<7.2f}', f'eta {format_duration(eta):<10s}',
                 f'augment {p_now:.3f}', f'cpumem {cpu_mem:.2f}',
             ] + ([f'gpumem {gpu_mem:.2f}'] if device.type == 'cuda' else [])
             log.line(' '.join(fields))
@@ -483,15 +484,3 @@ def _evaluate(metrics, G_ema, training_set_kwargs, detector, num_gpus, rank, dev
         if rank == 0:
             metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=snapshot_pkl)
             log.line(f'  {metric}: ' + ', '.join(f'{k} {v:.4f}' for k, v in result['results'].items()))
-
-
-def _fmt_time(seconds):
-    """12345 -> '3h 25m 45s'."""
-    if seconds != seconds or seconds == float('inf'):
-        return '-'
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f'{seconds}s'
-    if seconds < 3600:
-        return f'{seconds // 60}m {seconds % 60:02d}s'
-    return f'{seconds // 3600}h {(seconds // 60) % 60:02d}m'

@@ -22,6 +22,7 @@ import tqdm
 
 from ..dataset import DatasetError, ImageFolderDataset
 from . import taxa
+from ..util import write_text_atomic
 
 INCEPTION_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
 INCEPTION_FILENAME = 'inception-2015-12-05.pt'
@@ -68,19 +69,6 @@ def sha256_file(path):
         for chunk in iter(lambda: f.read(1 << 20), b''):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _write_text_atomic(path, text):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=folder)
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def download_file(
@@ -152,7 +140,7 @@ def inception_path(
                 raise DetectorError(f'{path}: SHA-256 {actual} differs from {recorded} recorded at download ({sidecar}); '
                                     f'delete both to download again')
         else:
-            _write_text_atomic(sidecar, f'{actual}  {INCEPTION_FILENAME}\n')  # a copy put there by hand
+            write_text_atomic(sidecar, f'{actual}  {INCEPTION_FILENAME}\n')  # a copy put there by hand
         return path
 
     where = f'download {INCEPTION_URL} to {path} (or set ${CACHE_ENV}, or pass --detector PATH)'
@@ -167,7 +155,7 @@ def inception_path(
             raise DetectorError(f'Inception detector not found at {path} and the download failed ({reason}); {where}') from None
     except OSError as exc:
         raise DetectorError(f'Inception detector not found at {path} and cannot be written there ({exc.strerror}); {where}') from None
-    _write_text_atomic(sidecar, f'{digest}  {INCEPTION_FILENAME}\n')
+    write_text_atomic(sidecar, f'{digest}  {INCEPTION_FILENAME}\n')
     return path
 
 

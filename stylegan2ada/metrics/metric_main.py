@@ -14,6 +14,7 @@ from ..dataset import DatasetError, ImageFolderDataset
 from . import metric_utils, taxa
 from .detectors import resolve_detector
 from .distances import frechet_distance_from_stats, kernel_inception_distance
+from ..util import format_duration
 
 # Metric families by name; filled by @register_metric below. A metric name is parsed into a family,
 # an image count, the _full flag and the _taxon detector suffix by parse_metric_name().
@@ -85,15 +86,6 @@ def select_detector(
     return taxon[0], spec.name + '_taxon'
 
 
-def _format_time(seconds):
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f'{seconds}s'
-    if seconds < 3600:
-        return f'{seconds // 60}m {seconds % 60:02d}s'
-    return f'{seconds // 3600}h {seconds // 60 % 60:02d}m'
-
-
 def calc_metric(
     metric,                 # metric name, e.g. 'fid50k_full', 'kid2k', 'fid50k_full_taxon', 'acc_taxon'
     G,                      # generator (G_ema); G(z, c, truncation_psi, noise_mode) -> [N, C, H, W] in [-1, 1]
@@ -123,7 +115,7 @@ def calc_metric(
     except ValueError as exc:
         raise MetricError(f'{name}: {exc}') from None
     total_time = time.time() - start
-    result = dict(out, metric=name, total_time=total_time, total_time_str=_format_time(total_time), num_gpus=num_gpus,
+    result = dict(out, metric=name, total_time=total_time, total_time_str=format_duration(total_time), num_gpus=num_gpus,
                   detector=chosen.spec, detector_id=chosen.id, dataset=opts.dataset_kwargs.get('path'), seed=seed)
     return result
 

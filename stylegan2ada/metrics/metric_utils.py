@@ -5,7 +5,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -13,6 +12,7 @@ import tqdm
 
 from ..dataset import ImageFolderDataset
 from ..image_utils import to_uint8
+from ..util import atomic_write
 from .detectors import default_cache_dir
 from .distances import feature_mean_cov
 
@@ -95,19 +95,10 @@ class FeatureStats:
             arrays['features'] = self.features
         if self.mean is not None:
             arrays['mean'], arrays['cov'] = self.mean, self.cov
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.npz', dir=folder)
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                f.write(buffer.getvalue())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_write(path, 'wb') as f:
+            f.write(buffer.getvalue())
 
     @classmethod
     def load(cls, path, key):
