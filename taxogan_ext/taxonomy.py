@@ -9,8 +9,9 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
+
+from stylegan2ada.util import write_json_atomic  # noqa: F401  (re-exported: the dataset tool writes manifests with it)
 
 MANIFEST_FORMAT = 'taxogan-datasets/1'
 MANIFEST_NAME = 'manifest.json'
@@ -230,20 +231,6 @@ class Manifest:
         }
 
 #----------------------------------------------------------------------------
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temporary file next to `path`, then rename it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write('\n')
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 def manifest_from_dict(data, root: Path) -> Manifest:
     """Validate parsed manifest JSON and wrap it; raises ManifestError naming the first problem."""
