@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Main job until the demo pipeline lands: a grid from a freshly initialised 32 px network.
+# One grid from a freshly initialised 32 px network (a smoke check of generate.py).
 generate: $(STAMP)
 	$(PY) -c "import torch; from stylegan2ada.networks import Generator; from stylegan2ada.pickles import save_network_pkl; \
 torch.manual_seed(0); G = Generator(z_dim=64, c_dim=0, w_dim=64, img_resolution=32, img_channels=3, \
@@ -33,3 +33,6 @@ bench: $(STAMP)
 
 clean:
 	rm -rf out .pytest_cache
+
+# The paper's experiments and the demo (make demo, make table1, make table2, ...).
+include experiments.mk

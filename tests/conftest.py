@@ -11,6 +11,15 @@ import torch
 GOLDEN_DIR = Path(os.environ.get('TAXOGAN_GOLDEN', Path(__file__).resolve().parents[1].parent / 'shared' / 'golden'))
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny test tensors run fastest on one thread, and a busy second core cannot stall them."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _require_golden():
     if not (GOLDEN_DIR / 'golden.json').is_file():
         pytest.skip(f'golden reference data not found at {GOLDEN_DIR} (set TAXOGAN_GOLDEN)')

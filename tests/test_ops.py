@@ -87,7 +87,7 @@ def _gradchecks(fn, *inputs):
                                     dict(padding=[3, 2, 1, 0], flip_filter=True, gain=2)])
 def test_upfirdn2d_gradcheck(kwargs):
     torch.manual_seed(1)
-    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 1, 4, 5, dtype=torch.float64, requires_grad=True)
     f = ops.setup_filter([1, 3, 3, 1]).double()
     _gradchecks(lambda x: ops.upfirdn2d(x, f, **kwargs), x)
 
@@ -112,8 +112,8 @@ def test_bias_act_gradcheck(act):
 @pytest.mark.parametrize('kwargs', [dict(up=2, padding=1), dict(down=2, padding=1), dict(padding=1), dict(up=2, padding=1, groups=2)])
 def test_conv2d_resample_gradcheck(kwargs):
     torch.manual_seed(4)
-    x = torch.randn(1, 4, 5, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 4 // kwargs.get('groups', 1), 3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2 // kwargs.get('groups', 1), 3, 3, dtype=torch.float64, requires_grad=True)
     f = ops.setup_filter([1, 3, 3, 1]).double()
     _gradchecks(lambda x, w: ops.conv2d_resample(x, w, f=f, **kwargs), x, w)
 
@@ -122,10 +122,10 @@ def test_conv2d_resample_gradcheck(kwargs):
 @pytest.mark.parametrize('demodulate', [True, False])
 def test_modulated_conv2d_fused_equals_nonfused_and_gradcheck(up, demodulate):
     torch.manual_seed(5)
-    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    s = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-    noise = torch.randn(2, 1, 4 * up, 4 * up, dtype=torch.float64)
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    noise = torch.randn(2, 1, 3 * up, 3 * up, dtype=torch.float64)
     f = ops.setup_filter([1, 3, 3, 1]).double()
     kw = dict(up=up, padding=1, resample_filter=f, demodulate=demodulate, flip_weight=(up == 1))
     fused = ops.modulated_conv2d(x, w, s, noise=noise, fused_modconv=True, **kw)

@@ -1,13 +1,17 @@
 """2-D convolution with optional FIR up/downsampling, arranged so no pixel is computed twice.
 
 Upsampling uses a transposed convolution followed by the FIR filter; downsampling filters first and
-then convolves with stride. The arithmetic matches NVIDIA's conv2d_resample.
+then convolves with stride. The arithmetic matches NVIDIA's conv2d_resample. Both paths share this
+arrangement; they differ in the FIR filtering they call: `impl='ref'` uses upfirdn2d's reference
+path, `impl='fast'` its fast path (strided/transposed depthwise convolutions, padding folded in).
 """
 
-import torch
+import functools
+
 import torch.nn.functional as F
 
 from . import upfirdn2d as _up
+from .impl import choose_impl
 
 
 def _conv(x, w, stride=1, padding=0, groups=1, transpose=False, flip_weight=True):
@@ -19,21 +23,8 @@ def _conv(x, w, stride=1, padding=0, groups=1, transpose=False, flip_weight=True
     return F.conv2d(x, w, stride=stride, padding=padding, groups=groups)
 
 
-def conv2d_resample(
-    x,                      # input [N, C_in, H, W]
-    w,                      # weight [C_out, C_in // groups, kh, kw]
-    f           = None,     # FIR filter from setup_filter; None = box/identity
-    up          = 1,        # integer upsampling factor
-    down        = 1,        # integer downsampling factor
-    padding     = 0,        # padding of the convolution, in pixels of the upsampled image
-    groups      = 1,        # grouped convolution
-    flip_weight = True,     # False = true convolution (mirrored weights), as NVIDIA uses when up > 1
-    flip_filter = False,    # passed to upfirdn2d
-    impl        = 'ref',    # upfirdn2d implementation
-):
-    """Convolve x with w, with FIR-filtered up/downsampling around the convolution."""
-    if not (isinstance(up, int) and up >= 1 and isinstance(down, int) and down >= 1):
-        raise ValueError(f'up and down must be integers >= 1, got {up}, {down}')
+def _conv2d_resample(x, w, f, up, down, padding, groups, flip_weight, flip_filter, impl):
+    """Both paths: the convolution arranged around the FIR filter, which runs with upfirdn2d's path `impl`."""
     out_channels, in_per_group, kh, kw = w.shape
     fw, fh = _up.get_filter_size(f)
     px0, px1, py0, py1 = _up._parse_padding(padding)
@@ -91,3 +82,29 @@ def conv2d_resample(
     # General case (asymmetric padding).
     x = _up.upfirdn2d(x, None, padding=[px0, px1, py0, py1], impl=impl)
     return _conv(x, w, groups=groups, flip_weight=flip_weight)
+
+
+# Both paths take (x, w, f, up, down, padding, groups, flip_weight, flip_filter).
+_IMPLS = {
+    'ref':  functools.partial(_conv2d_resample, impl='ref'),
+    'fast': functools.partial(_conv2d_resample, impl='fast'),
+}
+
+
+def conv2d_resample(
+    x,                      # input [N, C_in, H, W]
+    w,                      # weight [C_out, C_in // groups, kh, kw]
+    f           = None,     # FIR filter from setup_filter; None = box/identity
+    up          = 1,        # integer upsampling factor
+    down        = 1,        # integer downsampling factor
+    padding     = 0,        # padding of the convolution, in pixels of the upsampled image
+    groups      = 1,        # grouped convolution
+    flip_weight = True,     # False = true convolution (mirrored weights), as NVIDIA uses when up > 1
+    flip_filter = False,    # passed to upfirdn2d
+    impl        = None,     # 'ref' or 'fast' (FIR filtering by that upfirdn2d path); None = 'fast' (covers every case)
+):
+    """Convolve x with w, with FIR-filtered up/downsampling around the convolution."""
+    if not (isinstance(up, int) and up >= 1 and isinstance(down, int) and down >= 1):
+        raise ValueError(f'up and down must be integers >= 1, got {up}, {down}')
+    impl = choose_impl('conv2d_resample', impl)
+    return _IMPLS[impl](x, w, f, up, down, padding, groups, flip_weight, flip_filter)

@@ -2,7 +2,11 @@
 
 Semantics follow NVIDIA's stylegan2-ada-pytorch: insert `up - 1` zeros between pixels, pad (negative
 padding crops), convolve with the FIR filter `f` (a true convolution unless `flip_filter`), then keep
-every `down`-th pixel. `impl='ref'` is plain PyTorch and supports gradients of any order.
+every `down`-th pixel. Both paths are plain PyTorch and support gradients of any order:
+`impl='ref'` follows the definition literally (zero insertion, full-resolution convolution, then
+decimation); `impl='fast'` computes only the pixels that are kept (a transposed depthwise
+convolution for upsampling, a strided depthwise convolution for downsampling) and folds symmetric
+padding into the convolution instead of copying a padded tensor.
 """
 
 import math
@@ -10,6 +14,8 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .impl import choose_impl
 
 
 def _parse_scaling(scaling):
@@ -102,7 +108,63 @@ def _upfirdn2d_ref(x, f, up, down, padding, flip_filter, gain):
     return x[:, :, ::downy, ::downx]
 
 
-_IMPLS = {'ref': _upfirdn2d_ref}
+def _pad_or_crop(x, px0, px1, py0, py1):
+    """Pad where positive, crop where negative; a view (no copy) when nothing is padded."""
+    if max(px0, px1, py0, py1) > 0:
+        return F.pad(x, [px0, px1, py0, py1])
+    if min(px0, px1, py0, py1) < 0:
+        return x[:, :, -py0: x.shape[2] + py1, -px0: x.shape[3] + px1]
+    return x
+
+
+def _fir_pass(x, taps, up, down, padding):
+    """One depthwise FIR pass: taps [C, 1, kh, kw] in convolution order, up/down (x, y), padding (x0, x1, y0, y1)."""
+    C = x.shape[1]
+    kh, kw = taps.shape[2], taps.shape[3]
+    upx, upy = up
+    downx, downy = down
+    px0, px1, py0, py1 = padding
+    if upx == 1 and upy == 1:
+        # The symmetric part of the padding goes into conv2d (no padded copy); the stride computes only
+        # the pixels that decimation keeps: output i of a stride-s correlation is output s*i of the full one.
+        sx, sy = max(min(px0, px1), 0), max(min(py0, py1), 0)
+        x = _pad_or_crop(x, px0 - sx, px1 - sx, py0 - sy, py1 - sy)
+        return F.conv2d(x, taps.flip([2, 3]), stride=(downy, downx), padding=(sy, sx), groups=C)
+
+    # Polyphase upsampling: conv_transpose2d scatters each input pixel through the taps at stride `up`,
+    # which is the full convolution of the zero-inserted image with the taps. Output k of the reference
+    # (pad by p0, valid convolution) is element k + (k_taps - 1) - p0 of that full result, so the full
+    # result is cropped by k_taps - 1 - p0 on the left and k_taps - up - p1 on the right (negative = pad).
+    cx0, cx1 = kw - 1 - px0, kw - upx - px1
+    cy0, cy1 = kh - 1 - py0, kh - upy - py1
+    tx, ty = max(min(cx0, cx1), 0), max(min(cy0, cy1), 0)            # symmetric crop done by conv_transpose2d
+    x = F.conv_transpose2d(x, taps, stride=(upy, upx), padding=(ty, tx), groups=C)
+    x = _pad_or_crop(x, tx - cx0, tx - cx1, ty - cy0, ty - cy1)
+    if downx > 1 or downy > 1:
+        x = x[:, :, ::downy, ::downx]
+    return x
+
+
+def _upfirdn2d_fast(x, f, up, down, padding, flip_filter, gain):
+    """Fast path: polyphase (transposed) upsampling, strided downsampling, padding folded into the conv."""
+    C = x.shape[1]
+    f = f * (gain ** (f.ndim / 2))
+    f = f.to(x.dtype)
+    if flip_filter:
+        f = f.flip(list(range(f.ndim)))                                # taps in convolution order
+    px0, px1, py0, py1 = padding
+    if f.numel() == 1 and up == (1, 1) and down == (1, 1):
+        return _pad_or_crop(x, px0, px1, py0, py1) * f.reshape([])     # a 1-tap filter only pads and scales
+    if f.ndim == 2:
+        taps = f[None, None].expand(C, 1, f.shape[0], f.shape[1])       # [C, 1, fh, fw], no per-call copy
+        return _fir_pass(x, taps, up, down, padding)
+    # Separable: one pass along x, then one along y.
+    x = _fir_pass(x, f[None, None, None].expand(C, 1, 1, f.shape[0]), (up[0], 1), (down[0], 1), (px0, px1, 0, 0))
+    return _fir_pass(x, f[None, None, :, None].expand(C, 1, f.shape[0], 1), (1, up[1]), (1, down[1]), (0, 0, py0, py1))
+
+
+# Both paths take (x, f, up, down, padding, flip_filter, gain) with parsed arguments.
+_IMPLS = {'ref': _upfirdn2d_ref, 'fast': _upfirdn2d_fast}
 
 
 def upfirdn2d(
@@ -113,19 +175,20 @@ def upfirdn2d(
     padding     = 0,        # padding in upsampled pixels: int, (x, y) or (x0, x1, y0, y1); negative crops
     flip_filter = False,    # use correlation instead of convolution
     gain        = 1,        # overall gain of the signal
-    impl        = 'ref',    # implementation: 'ref' (plain PyTorch, any-order gradients)
+    impl        = None,     # 'ref' or 'fast' (both any-order differentiable); None = 'fast' (it covers every case)
 ):
     """Pad, upsample, filter and downsample a batch of 2-D images."""
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError('upfirdn2d expects a 4-D tensor [N, C, H, W]')
     if f is None:
         f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
-    if impl not in _IMPLS:
-        raise ValueError(f'unknown upfirdn2d impl {impl!r}; choose from {sorted(_IMPLS)}')
+    if f.ndim not in (1, 2):
+        raise ValueError(f'upfirdn2d filter must be 1-D or 2-D, got shape {list(f.shape)}')
+    impl = choose_impl('upfirdn2d', impl)
     return _IMPLS[impl](x, f, _parse_scaling(up), _parse_scaling(down), _parse_padding(padding), flip_filter, gain)
 
 
-def filter2d(x, f, padding=0, flip_filter=False, gain=1, impl='ref'):
+def filter2d(x, f, padding=0, flip_filter=False, gain=1, impl=None):
     """Filter images with `f`, keeping their size (padding adds on top)."""
     px0, px1, py0, py1 = _parse_padding(padding)
     fw, fh = get_filter_size(f)
@@ -133,7 +196,7 @@ def filter2d(x, f, padding=0, flip_filter=False, gain=1, impl='ref'):
     return upfirdn2d(x, f, padding=p, flip_filter=flip_filter, gain=gain, impl=impl)
 
 
-def upsample2d(x, f, up=2, padding=0, flip_filter=False, gain=1, impl='ref'):
+def upsample2d(x, f, up=2, padding=0, flip_filter=False, gain=1, impl=None):
     """Upsample images by `up` with the interpolation filter `f`, keeping the signal's scale."""
     upx, upy = _parse_scaling(up)
     px0, px1, py0, py1 = _parse_padding(padding)
@@ -142,7 +205,7 @@ def upsample2d(x, f, up=2, padding=0, flip_filter=False, gain=1, impl='ref'):
     return upfirdn2d(x, f, up=(upx, upy), padding=p, flip_filter=flip_filter, gain=gain * upx * upy, impl=impl)
 
 
-def downsample2d(x, f, down=2, padding=0, flip_filter=False, gain=1, impl='ref'):
+def downsample2d(x, f, down=2, padding=0, flip_filter=False, gain=1, impl=None):
     """Downsample images by `down` after low-pass filtering with `f`."""
     downx, downy = _parse_scaling(down)
     px0, px1, py0, py1 = _parse_padding(padding)

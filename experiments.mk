@@ -1,0 +1,116 @@
+# The paper's experiments as make targets (included by the Makefile, which defines PY and STAMP).
+#
+#   make demo                     demo collection -> datasets -> descending plan for the four orders -> table, grids, curves
+#   make datasets [DATA=...]      per-taxon datasets of a collection (folder tree, BOLD or EcoTaxa export); default: the demo one
+#   make copepoda-direct          the paper's methods for the four orders, one at a time ...
+#   make copepoda-lateral
+#   make copepoda-descending
+#   make table1                   Calanoida: DCGAN, StyleGAN2, + ADA, + ADA + LeCam (the paper's Table 1)
+#   make table2                   direct, lateral and descending for the four orders (the paper's Table 2)
+#
+# SCALE=smoke (default: CPU minutes, 32 px, tiny networks, the taxon-classifier detector) or SCALE=paper (256 px,
+# --cfg auto, NVIDIA's Inception metrics: a GPU). DATA=PATH trains on your own collection instead of the demo one.
+# Every variable below can be overridden on the command line (make table2 SCALE=paper GPUS=4 KIMG_PARENT=5000).
+# An interrupted target picks up where it stopped when run again: finished stages are skipped, the interrupted one resumes.
+
+SCALE        ?= smoke
+DATA         ?=
+RUNS         ?= runs
+GPUS         ?= 1
+PARENT       ?= Copepoda
+TARGETS      ?= Calanoida,Cyclopoida,Harpacticoida,Siphonostomatoida
+TABLE1_TAXON ?= Calanoida
+RANKS        ?= class,order
+BUILD_ARGS   ?=
+
+ifeq ($(SCALE),smoke)
+# Sized for a 2-core CPU (docs/parts/experiments.md has the measurements): tiny 32 px networks with a higher learning
+# rate, a G_ema half-life (1 kimg) shorter than the fine-tuning stages, one thread (tiny layers gain nothing from a
+# second one and lose a lot when another process holds the other core), 500 generated images per metric.
+RES          ?= 32
+DEMO_SCALE   ?= 0.25
+KIMG_PARENT  ?= 16
+KIMG_CHILD   ?= 5
+KIMG_TABLE1  ?= 8
+NET_ARGS     ?= --cfg auto --cbase 1024 --cmax 32 --zdim 32 --map 2 --batch 32 --glr 0.005 --dlr 0.005 --ema-kimg 1 \
+	--tick 1 --snap 1000
+LECAM        ?= 0.0001
+METRICS      ?= fid500_full,kid500_full,acc500_taxon
+DETECTOR_ARGS ?= --res 32 --epochs 60 --batch 16
+RUN_ENV      ?= OMP_NUM_THREADS=1
+SUFFIX       :=
+else ifeq ($(SCALE),paper)
+# The paper's setting: 256 px, NVIDIA's --cfg auto (2-layer mapping), ADA, LeCam, FID/KID on 50k generated images with
+# Inception-v3 (downloaded once into the cache). kimg per stage: see docs/parts/experiments.md.
+RES          ?= 256
+DEMO_SCALE   ?= 1
+KIMG_PARENT  ?= 3000
+KIMG_CHILD   ?= 1500
+KIMG_TABLE1  ?= 3000
+NET_ARGS     ?= --cfg auto --gpus $(GPUS) --snap 50 --tick 4
+LECAM        ?= 3e-7
+METRICS      ?= fid50k_full,kid50k_full
+DETECTOR_ARGS ?=
+RUN_ENV      ?=
+SUFFIX       := -paper
+else
+$(error SCALE=$(SCALE): choose smoke or paper)
+endif
+
+# Where things go: the collection, its datasets at this resolution, the taxon detector, the experiment folders.
+COLLECTION      := $(if $(DATA),$(patsubst %/,%,$(DATA)),demo_collection/scale-$(DEMO_SCALE))
+COLLECTION_NAME := $(if $(DATA),$(basename $(notdir $(COLLECTION))),demo-$(DEMO_SCALE))
+COLLECTION_DEP  := $(if $(DATA),$(COLLECTION),$(COLLECTION)/demo_collection.json)
+DATASETS        ?= datasets/$(COLLECTION_NAME)-$(RES)px
+MANIFEST        := $(DATASETS)/manifest.json
+TAXON_DETECTOR  := $(DATASETS)-taxon.pt
+DETECTOR        ?= $(if $(filter paper,$(SCALE)),inception,taxon:$(TAXON_DETECTOR))
+DETECTOR_DEP    := $(if $(filter taxon:%,$(DETECTOR)),$(TAXON_DETECTOR))
+COPEPODA_DIR    ?= $(RUNS)/copepoda$(SUFFIX)
+TABLE1_DIR      ?= $(RUNS)/table1$(SUFFIX)
+DEMO_DIR        ?= $(RUNS)/demo
+
+HIER = $(RUN_ENV) $(PY) train_hier.py --datasets $(DATASETS) --parent $(PARENT) --metrics $(METRICS) --detector $(DETECTOR) \
+	--kimg-parent $(KIMG_PARENT) --kimg-child $(KIMG_CHILD) $(NET_ARGS)
+TABLE1 = $(RUN_ENV) $(PY) train_hier.py --datasets $(DATASETS) --method direct --targets $(TABLE1_TAXON) --metrics $(METRICS) \
+	--detector $(DETECTOR) --kimg-parent $(KIMG_TABLE1) --no-report $(NET_ARGS)
+
+.PHONY: demo datasets copepoda-direct copepoda-lateral copepoda-descending table1 table2
+
+# The demo is the smoke-scale descending plan on the demo collection, in its own folder.
+demo: | $(STAMP)
+	$(MAKE) --no-print-directory copepoda-descending SCALE=smoke DATA= COPEPODA_DIR=$(DEMO_DIR)
+	@echo "demo: $(DEMO_DIR)/table.md, $(DEMO_DIR)/overview.png, $(DEMO_DIR)/grid-*.png, $(DEMO_DIR)/curves.png"
+
+demo_collection/scale-%/demo_collection.json: | $(STAMP)
+	$(PY) -m taxogan_ext.demo_data --out demo_collection/scale-$* --scale $*
+
+$(MANIFEST): $(COLLECTION_DEP) | $(STAMP)
+	$(PY) dataset_tool_ext.py build --source $(COLLECTION) --dest $(DATASETS) --resolution $(RES) --ranks $(RANKS) $(BUILD_ARGS)
+
+# Always rebuilds (the zips come out byte-identical when nothing changed, so no stage reruns for nothing).
+datasets: $(COLLECTION_DEP) | $(STAMP)
+	$(PY) dataset_tool_ext.py build --source $(COLLECTION) --dest $(DATASETS) --resolution $(RES) --ranks $(RANKS) $(BUILD_ARGS)
+
+$(TAXON_DETECTOR): $(MANIFEST)
+	$(RUN_ENV) $(PY) calc_metrics.py train-detector --data $(DATASETS) --out $@ $(DETECTOR_ARGS)
+
+copepoda-direct: $(MANIFEST) $(DETECTOR_DEP) | $(STAMP)
+	$(HIER) --method direct --targets $(TARGETS) --lecam-weight $(LECAM) --outdir $(COPEPODA_DIR)
+
+copepoda-lateral: $(MANIFEST) $(DETECTOR_DEP) | $(STAMP)
+	$(HIER) --method lateral --targets $(TARGETS) --lecam-weight $(LECAM) --outdir $(COPEPODA_DIR)
+
+copepoda-descending: $(MANIFEST) $(DETECTOR_DEP) | $(STAMP)
+	$(HIER) --method descending --targets $(TARGETS) --lecam-weight $(LECAM) --outdir $(COPEPODA_DIR)
+
+# Table 2: the three methods share one experiment folder, so stages already trained by the copepoda-* targets are reused.
+table2: $(MANIFEST) $(DETECTOR_DEP) | $(STAMP)
+	$(HIER) --method direct,lateral,descending --targets $(TARGETS) --lecam-weight $(LECAM) --outdir $(COPEPODA_DIR)
+
+table1: $(MANIFEST) $(DETECTOR_DEP) | $(STAMP)
+	$(TABLE1) --outdir $(TABLE1_DIR)/dcgan --model dcgan
+	$(TABLE1) --outdir $(TABLE1_DIR)/stylegan2 --aug noaug
+	$(TABLE1) --outdir $(TABLE1_DIR)/stylegan2-ada
+	$(TABLE1) --outdir $(TABLE1_DIR)/stylegan2-ada-lecam --lecam-weight $(LECAM)
+	$(PY) -m taxogan_ext.report $(TABLE1_DIR) --layout table1

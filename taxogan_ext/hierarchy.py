@@ -1,0 +1,744 @@
+"""Hierarchical transfer plans: direct, lateral, descending and conditional training along the taxonomy.
+
+A plan is an ordered list of stages. A stage trains one network on one taxon's dataset, starting from
+scratch, from another stage's final pickle, or from a given pickle, and is then evaluated. Stages that
+several methods or targets need appear once: the Copepoda stage feeds all four orders, and the direct
+Calanoida stage is also the lateral donor.
+
+Running a plan (`run_plan`) skips a stage whose final pickle and evaluation record exist, resumes an
+interrupted stage from its newest snapshot, and reruns a stage whose inputs changed (dataset hash,
+training options, starting pickle), moving the old folder to `OUTDIR/superseded/` instead of reusing it.
+Training itself is passed in as a function (train_hier.py passes train.py's), so this module needs no CLI.
+"""
+
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import tqdm
+
+from stylegan2ada.training_loop import latest_snapshot
+from stylegan2ada.util import atomic_write, write_json_atomic
+
+METHODS         = ('direct', 'lateral', 'descending', 'conditional')
+STAGE_FILE      = 'stage.json'
+RESULTS_FILE    = 'results.jsonl'
+PLAN_FILE       = 'plan.json'
+LOCK_FILE       = '.train_hier.lock'
+DERIVED_DIR     = '_data'           # labelled per-child zips of the conditional method
+SUPERSEDED_DIR  = 'superseded'      # stage folders whose inputs changed
+STAGE_FORMAT    = 'taxogan-stage/1'
+RESULTS_FORMAT  = 'taxogan-results/1'
+PLAN_FORMAT     = 'taxogan-plan/1'
+
+# train.py options that change how a run is reported or scheduled, not the network it produces:
+# changing them never makes a finished stage stale.
+NON_RESULT_OPTIONS = ('snap', 'tick', 'workers', 'nobench', 'metrics', 'detector', 'device')
+# Options that only make sense when a stage starts from a trained network (Freeze-D on a random D freezes noise).
+FINETUNE_ONLY_OPTIONS = ('freezed',)
+
+#----------------------------------------------------------------------------
+
+class PlanError(Exception):
+    """A plan that cannot be built or run; one line naming the problem."""
+
+#----------------------------------------------------------------------------
+# Plan data.
+
+@dataclasses.dataclass(frozen=True)
+class DerivedData:
+    """A child's images relabelled as one class of its parent's conditional network (conditional method)."""
+    path:           str                 # zip written at run time
+    source:         str                 # the child's own dataset zip
+    source_sha256:  str                 # manifest hash of `source`
+    label_names:    tuple[str, ...]     # the parent's classes
+    label:          int                 # class index of the child
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of a stage's network: against the real images of `taxon`."""
+    taxon:          str
+    data:           str                 # dataset of the real images (and of the labels drawn for a conditional G)
+    num_images:     int
+    derived:        DerivedData | None  # set when `data` is made from the child's zip at run time
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One training run of a plan."""
+    key:            str                 # unique name; also the folder OUTDIR/<key>
+    taxon:          str                 # taxon of the training set
+    method:         str                 # direct, lateral, descending, finetune, conditional, conditional-ft
+    source:         str | None          # taxon the transfer starts from (donor, top of the chain, parent set); None: scratch
+    origin:         str | None          # file name of the --resume pickle at the start of the chain; None: none
+    chain:          tuple[str, ...]     # taxa the weights went through, this stage's taxon last
+    data:           str                 # training dataset path
+    data_sha256:    str                 # hash of the training data as the manifest gives it
+    num_images:     int                 # images of the training set
+    cond:           bool                # class-conditional training (labels of the dataset)
+    start_kind:     str                 # 'scratch', 'stage' or 'pickle'
+    start:          str | None          # key of the start stage, or the pickle path; None for scratch
+    kimg:           float               # training length
+    train_options:  dict                # train.py options that differ from its defaults (no data/kimg/resume)
+    overrides:      dict                # engine config values set after train.py builds its config (e.g. ema_kimg)
+    evaluations:    tuple[Evaluation, ...]
+    derived:        DerivedData | None  # the training zip is derived (conditional fine-tuning)
+
+    @property
+    def label(self) -> str:
+        """'Copepoda > Calanoida' (with the pickle first when the chain starts from one)."""
+        return ' > '.join(([self.origin] if self.origin else []) + list(self.chain)) + (' [cond]' if self.cond else '')
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """What the plan produces for one (method, target): the stage evaluated on the target, or a note why none."""
+    method:         str
+    target:         str
+    stage:          str | None
+    note:           str = ''
+
+@dataclasses.dataclass
+class Plan:
+    """Stages in run order (every stage after the one it starts from) and the rows they answer."""
+    stages:         list[Stage]
+    rows:           list[Row]
+    methods:        list[str]
+    targets:        list[str]
+    datasets:       str                 # the datasets folder
+    outdir:         str
+
+    def stage(self, key: str) -> Stage:
+        """The stage called `key`."""
+        for stage in self.stages:
+            if stage.key == key:
+                return stage
+        raise KeyError(key)
+
+    def to_dict(self) -> dict:
+        """JSON-ready description (written to OUTDIR/plan.json)."""
+        return dict(format=PLAN_FORMAT, datasets=self.datasets, methods=list(self.methods), targets=list(self.targets),
+                    stages=[dataclasses.asdict(s) for s in self.stages], rows=[dataclasses.asdict(r) for r in self.rows])
+
+#----------------------------------------------------------------------------
+# Building a plan.
+
+def _safe(name: str) -> str:
+    return re.sub(r'[^A-Za-z0-9._()+-]', '_', name)
+
+def parse_list(text) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']; a list passes through; None -> []."""
+    if text is None:
+        return []
+    items = text.split(',') if isinstance(text, str) else list(text)
+    return [item.strip() for item in items if item and item.strip()]
+
+def default_donor(manifest, target: str) -> str | None:
+    """The taxon with the most images among the target's parent's children (ties: first by name)."""
+    parent = manifest.parent(target)
+    group = manifest.roots() if parent is None else manifest.children(parent)
+    if not group:
+        return None
+    return max(sorted(group), key=lambda name: manifest.num_images(name))
+
+def descending_chain(
+    manifest,                   # taxonomy.Manifest
+    target:     str,            # last taxon of the chain
+    parent:     str | None,     # top of the chain; None = the `depth`-th ancestor
+    depth:      int | None,     # levels above the target; None = 1, or whatever `parent` implies
+) -> list[str]:
+    """Taxa from the top of the descending chain down to the target, e.g. [Copepoda, Calanoida, Calanidae]."""
+    ancestors = manifest.ancestors(target)          # nearest first
+    if parent is not None:
+        if parent not in ancestors:
+            raise PlanError(f'--parent {parent} is not an ancestor of {target} '
+                            f'(its ancestors: {", ".join(ancestors) or "none"})')
+        levels = ancestors.index(parent) + 1
+        if depth is not None and depth != levels:
+            raise PlanError(f'--depth {depth} disagrees with --parent {parent}, which is {levels} level(s) above {target}')
+    else:
+        levels = 1 if depth is None else depth
+        if levels > len(ancestors):
+            raise PlanError(f'--depth {levels}: {target} has only {len(ancestors)} ancestor(s) in the manifest')
+    return list(reversed(ancestors[:levels])) + [target]
+
+def build_plan(
+    manifest,                           # taxonomy.Manifest of the datasets folder
+    outdir,                             # experiment folder (the conditional method writes derived zips under it)
+    methods,                            # list of METHODS (or 'all')
+    targets         = None,             # taxa to produce; None = the children of `parent` (or of the single root)
+    parent          = None,             # top of the descending chains; None = `depth` levels above each target
+    donor           = None,             # lateral donor; None = the sibling with the most images
+    depth           = None,             # descending: levels above each target; None = 1 (or what `parent` implies)
+    resume_pkl      = None,             # pickle that replaces "from scratch" at the start of every chain; None = scratch
+    kimg_parent     = 1000.0,           # kimg of every stage trained from scratch (parents, donors, direct runs)
+    kimg_child      = 500.0,            # kimg of every stage that starts from a network (fine-tuning)
+    train_options   = None,             # train.py options (non-default ones) given to every stage; None = none
+    overrides       = None,             # engine config values for every stage that train.py has no option for; None = none
+    cond_finetune   = False,            # conditional: also fine-tune the conditional network on each child
+) -> Plan:
+    """Stages and rows of an experiment; raises PlanError (or taxonomy.ManifestError) on bad input."""
+    methods = list(METHODS) if methods in ('all', ['all'], ('all',)) else parse_list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise PlanError(f'unknown method(s) {", ".join(unknown) or "(none)"}; choose from {", ".join(METHODS)} or all')
+    methods = [m for m in METHODS if m in methods]            # canonical order: direct stages first
+    if not (kimg_parent > 0 and kimg_child > 0):
+        raise PlanError(f'--kimg-parent and --kimg-child must be > 0 (got {kimg_parent}, {kimg_child})')
+    if depth is not None and depth < 1:
+        raise PlanError(f'--depth must be >= 1, got {depth}')
+    if parent is not None:
+        manifest.taxon(parent)                                # ManifestError for an unknown name
+    targets = parse_list(targets)
+    if not targets:
+        top = parent
+        if top is None:
+            roots = manifest.roots()
+            if len(roots) != 1:
+                raise PlanError(f'the manifest has {len(roots)} roots ({", ".join(roots)}); name --parent or --targets')
+            top = roots[0]
+        targets = manifest.children(top)
+        if not targets:
+            raise PlanError(f'{top} has no child taxa in the manifest; name --targets')
+    for target in targets:
+        manifest.taxon(target)
+    if len(set(targets)) != len(targets):
+        raise PlanError(f'--targets names a taxon twice: {", ".join(targets)}')
+    if donor is not None:
+        manifest.taxon(donor)
+    if resume_pkl is not None and not os.path.isfile(resume_pkl):
+        raise PlanError(f'--resume {resume_pkl}: no such file')
+    options = dict(train_options or {})
+    overrides = dict(overrides or {})
+    origin = os.path.basename(resume_pkl) if resume_pkl is not None else None
+    derived_dir = os.path.join(str(outdir), DERIVED_DIR)
+
+    stages = {}     # key -> dict of Stage fields (evaluations still a list), in insertion order = run order
+    rows = []
+
+    def stage_options(start_kind):
+        return {k: v for k, v in options.items() if not (start_kind == 'scratch' and k in FINETUNE_ONLY_OPTIONS)}
+
+    def evaluation(taxon):
+        return Evaluation(taxon=taxon, data=str(manifest.dataset_path(taxon)), num_images=manifest.num_images(taxon), derived=None)
+
+    def add(key, **fields):
+        if key not in stages:
+            stages[key] = dict(key=key, **fields)
+        return key
+
+    def root_stage(taxon, cond=False):
+        """The stage that starts a chain on `taxon`: from scratch, or from --resume."""
+        name = _safe(taxon + ('-cond' if cond else ''))
+        start_kind = 'scratch' if resume_pkl is None else 'pickle'
+        key = name if resume_pkl is None else f'from-{_safe(Path(resume_pkl).stem)}__{name}'
+        method = 'conditional' if cond else ('direct' if resume_pkl is None else 'finetune')
+        return add(key, taxon=taxon, method=method, source=(taxon if cond else None), origin=origin, chain=(taxon,),
+                   data=str(manifest.dataset_path(taxon)), data_sha256=manifest.sha256(taxon),
+                   num_images=manifest.num_images(taxon), cond=cond, start_kind=start_kind, start=resume_pkl,
+                   kimg=float(kimg_parent if resume_pkl is None else kimg_child), train_options=stage_options(start_kind),
+                   overrides=overrides, evaluations=[] if cond else [evaluation(taxon)], derived=None)
+
+    def child_stage(start_key, taxon, method, source):
+        start = stages[start_key]
+        key = f'{start_key}__{_safe(taxon)}'
+        return add(key, taxon=taxon, method=method, source=source, origin=origin, chain=start['chain'] + (taxon,),
+                   data=str(manifest.dataset_path(taxon)), data_sha256=manifest.sha256(taxon),
+                   num_images=manifest.num_images(taxon), cond=False, start_kind='stage', start=start_key,
+                   kimg=float(kimg_child), train_options=stage_options('stage'), overrides=overrides,
+                   evaluations=[evaluation(taxon)], derived=None)
+
+    for method in methods:
+        for target in targets:
+            if method == 'direct':
+                rows.append(Row('direct', target, root_stage(target)))
+
+            elif method == 'lateral':
+                chosen = donor if donor is not None else default_donor(manifest, target)
+                siblings = manifest.siblings(target)
+                if chosen == target:
+                    rows.append(Row('lateral', target, None, 'is the donor'))
+                    continue
+                if chosen is None or chosen not in siblings:
+                    raise PlanError(f'lateral: the donor {chosen} is not a sibling of {target} '
+                                    f'(siblings: {", ".join(siblings) or "none"})')
+                rows.append(Row('lateral', target, child_stage(root_stage(chosen), target, 'lateral', chosen)))
+
+            elif method == 'descending':
+                chain = descending_chain(manifest, target, parent, depth)
+                key = root_stage(chain[0])
+                for taxon in chain[1:]:
+                    key = child_stage(key, taxon, 'descending', chain[0])
+                rows.append(Row('descending', target, key))
+
+            elif method == 'conditional':
+                up = manifest.parent(target)
+                if up is None:
+                    raise PlanError(f'conditional: {target} has no parent taxon whose dataset could hold it as a class')
+                labels = manifest.labels(up)
+                if not labels or target not in labels:
+                    raise PlanError(f'conditional: the {up} dataset has no class {target} '
+                                    f'(its labels: {", ".join(labels or []) or "none"}); rebuild the datasets with both ranks')
+                cond_key = root_stage(up, cond=True)
+                derived = DerivedData(path=os.path.join(derived_dir, f'{_safe(target)}-as-{_safe(up)}-class.zip'),
+                                      source=str(manifest.dataset_path(target)), source_sha256=manifest.sha256(target),
+                                      label_names=tuple(labels), label=labels.index(target))
+                ev = Evaluation(taxon=target, data=derived.path, num_images=manifest.num_images(target), derived=derived)
+                if ev not in stages[cond_key]['evaluations']:
+                    stages[cond_key]['evaluations'].append(ev)
+                rows.append(Row('conditional', target, cond_key))
+                if cond_finetune:
+                    start = stages[cond_key]
+                    ft_key = add(f'{cond_key}__{_safe(target)}', taxon=target, method='conditional-ft', source=up, origin=origin,
+                                 chain=start['chain'] + (target,), data=derived.path, data_sha256=derived.source_sha256,
+                                 num_images=ev.num_images, cond=True, start_kind='stage', start=cond_key, kimg=float(kimg_child),
+                                 train_options=stage_options('stage'), overrides=overrides, evaluations=[ev], derived=derived)
+                    rows.append(Row('conditional-ft', target, ft_key))
+
+    frozen = [Stage(**dict(fields, evaluations=tuple(fields['evaluations']))) for fields in stages.values()]
+    return Plan(stages=frozen, rows=rows, methods=methods, targets=targets, datasets=str(manifest.root), outdir=str(outdir))
+
+#----------------------------------------------------------------------------
+# Fingerprints and the state of a stage folder.
+
+def sha256_file(path) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+def stage_inputs(
+    stage:          Stage,
+    start_sha256:   str | None,     # hash of the starting pickle; None for scratch
+) -> dict:
+    """What a stage's result depends on (its fingerprint is the hash of this)."""
+    options = {k: v for k, v in sorted(stage.train_options.items()) if k not in NON_RESULT_OPTIONS}
+    derived = None
+    if stage.derived is not None:
+        derived = dict(label_names=list(stage.derived.label_names), label=stage.derived.label)
+    inputs = dict(taxon=stage.taxon, data_sha256=stage.data_sha256, derived=derived, cond=stage.cond, kimg=stage.kimg,
+                  options=options, start=dict(kind=stage.start_kind, sha256=start_sha256))
+    if stage.overrides:
+        inputs['overrides'] = dict(sorted(stage.overrides.items()))     # absent when empty: older records stay current
+    return inputs
+
+def fingerprint(inputs: dict) -> str:
+    """Hash of stage_inputs()."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode('utf-8')).hexdigest()[:32]
+
+def describe_change(old: dict | None, new: dict) -> str:
+    """Which inputs differ, in words ('dataset changed', 'options changed (gamma: 1 -> 2)', ...)."""
+    if not isinstance(old, dict):
+        return 'no record of its inputs'
+    changes = []
+    if old.get('data_sha256') != new['data_sha256'] or old.get('derived') != new['derived']:
+        changes.append('dataset changed')
+    for key in ('options', 'overrides'):
+        if (old.get(key) or {}) != (new.get(key) or {}):
+            a, b = old.get(key) or {}, new.get(key) or {}
+            diff = [f'{k}: {a.get(k, "default")} -> {b.get(k, "default")}' for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            changes.append(f'{key} changed ({", ".join(diff)})')
+    if old.get('kimg') != new['kimg']:
+        changes.append(f'kimg {old.get("kimg")} -> {new["kimg"]}')
+    if old.get('start') != new['start']:
+        changes.append('starting network changed')
+    if old.get('cond') != new['cond'] or old.get('taxon') != new['taxon']:
+        changes.append('stage definition changed')
+    return ', '.join(changes) or 'inputs changed'
+
+def read_json(path) -> dict | None:
+    """Parsed JSON object at `path`, or None when missing or unreadable."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+def read_results(path) -> list[dict]:
+    """Records of a results.jsonl (missing file: none); raises PlanError naming a malformed line."""
+    records = []
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return records
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise PlanError(f'{path}:{number}: not valid JSON ({exc}); remove the line to continue') from None
+        if not isinstance(record, dict) or 'stage' not in record or 'taxon' not in record:
+            raise PlanError(f'{path}:{number}: not a results record (needs "stage" and "taxon")')
+        records.append(record)
+    return records
+
+def append_record(path, record: dict) -> None:
+    """Append one JSON line with a single write, so a reader never sees half a record."""
+    with open(path, 'a', encoding='utf-8') as f:
+        f.write(json.dumps(record) + '\n')
+
+def snapshot_nimg(pkl) -> int:
+    """Training progress (images) stored in one of our snapshots; 0 for a pickle without progress."""
+    from stylegan2ada.pickles import load_network_pkl
+    progress = load_network_pkl(pkl).get('progress')
+    return int(progress['cur_nimg']) if progress else 0
+
+@dataclasses.dataclass
+class StageState:
+    """Where a stage stands in its folder."""
+    status:         str             # done, evaluate, resume, rerun, todo, waiting
+    detail:         str             # in words, for the dry run
+    fingerprint:    str | None      # None while the start stage is not finished
+    inputs:         dict | None
+    done_kimg:      float = 0.0     # progress of the newest snapshot (resume)
+    snapshot:       str | None = None   # newest snapshot (resume)
+    final_pkl:      str | None = None   # final pickle (done, evaluate)
+
+def _evaluated(records, stage, fp, metrics, detector) -> bool:
+    """True when results hold a record of every evaluation of the stage, with these inputs, metrics and detector."""
+    want = {ev.taxon for ev in stage.evaluations}
+    have = {r['taxon'] for r in records if r.get('stage') == stage.key and r.get('fingerprint') == fp
+            and r.get('requested_metrics') == list(metrics) and r.get('detector') == detector}
+    return want <= have
+
+def inspect_stage(
+    stage:          Stage,
+    outdir,                         # experiment folder
+    start_sha256:   str | None,     # hash of the starting pickle; None: scratch, or the start is not finished
+    start_ready:    bool,           # False while the start stage still has to be trained
+    records:        list,           # results.jsonl records
+    metrics:        list,           # evaluation metrics asked for
+    detector:       str,            # detector asked for
+    read_progress:  bool = True,    # load the newest snapshot to report its kimg (a dry run of big pickles may skip it)
+) -> StageState:
+    """The status of a stage: what running the plan would do with it."""
+    folder = Path(outdir) / stage.key
+    if not start_ready:
+        return StageState('waiting', f'after {stage.start}', None, None)
+    inputs = stage_inputs(stage, start_sha256)
+    fp = fingerprint(inputs)
+    record = read_json(folder / STAGE_FILE)
+    has_files = folder.is_dir() and any(folder.iterdir())
+    if not has_files:
+        return StageState('todo', 'to train', fp, inputs)
+    if record is None or record.get('fingerprint') != fp:
+        why = describe_change(record.get('inputs') if record else None, inputs)
+        return StageState('rerun', f'rerun: {why}', fp, inputs)
+    final = record.get('final_pkl')
+    if record.get('state') == 'trained' and final and (folder / final).is_file():
+        final_path = str(folder / final)
+        if _evaluated(records, stage, fp, metrics, detector):
+            return StageState('done', 'done', fp, inputs, done_kimg=stage.kimg, final_pkl=final_path)
+        return StageState('evaluate', 'trained; to evaluate', fp, inputs, done_kimg=stage.kimg, final_pkl=final_path)
+    snapshot = latest_snapshot(str(folder))
+    if snapshot is None:
+        return StageState('todo', 'to train (no snapshot yet)', fp, inputs)
+    done_kimg = snapshot_nimg(snapshot) / 1000 if read_progress else 0.0
+    return StageState('resume', f'interrupted at {done_kimg:g} of {stage.kimg:g} kimg; resumes', fp, inputs,
+                      done_kimg=done_kimg, snapshot=snapshot)
+
+def final_sha256(outdir, stage_key: str) -> str | None:
+    """Hash of a finished stage's final pickle (kept in its stage.json, recomputed when the file changed)."""
+    folder = Path(outdir) / stage_key
+    record = read_json(folder / STAGE_FILE)
+    if not record or record.get('state') != 'trained' or not record.get('final_pkl'):
+        return None
+    path = folder / record['final_pkl']
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    if record.get('final_size') == stat.st_size and record.get('final_mtime_ns') == stat.st_mtime_ns and record.get('final_sha256'):
+        return record['final_sha256']
+    return sha256_file(path)
+
+def plan_states(plan: Plan, records, metrics, detector, read_progress=True) -> dict[str, StageState]:
+    """StageState of every stage, in plan order, as the dry run shows them."""
+    states = {}
+    for stage in plan.stages:
+        if stage.start_kind == 'scratch':
+            ready, sha = True, None
+        elif stage.start_kind == 'pickle':
+            ready, sha = True, sha256_file(stage.start)
+        else:
+            ready = states[stage.start].status in ('done', 'evaluate')
+            sha = final_sha256(plan.outdir, stage.start) if ready else None
+        states[stage.key] = inspect_stage(stage, plan.outdir, sha, ready, records, metrics, detector, read_progress)
+    return states
+
+#----------------------------------------------------------------------------
+# The dry run: the plan as a tree.
+
+def format_plan(plan: Plan, states: dict[str, StageState]) -> str:
+    """The stages as a tree (each under the stage it starts from) with image counts, kimg and status."""
+    children = {}
+    for stage in plan.stages:
+        children.setdefault(stage.start if stage.start_kind == 'stage' else None, []).append(stage)
+    rows_of = {}
+    for row in plan.rows:
+        if row.stage is not None:
+            rows_of.setdefault(row.stage, []).append(f'{row.method} {row.target}')
+    lines = []
+
+    def visit(stage, prefix, last, top):
+        state = states[stage.key]
+        start = '' if not top else ('from scratch' if stage.start_kind == 'scratch' else f'from {os.path.basename(stage.start)}')
+        what = f'{stage.taxon}{" [conditional]" if stage.cond else ""} ({stage.num_images} img, {stage.kimg:g} kimg'
+        what += f', {start})' if start else ')'
+        answers = f'  -> {"; ".join(rows_of[stage.key])}' if stage.key in rows_of else ''
+        branch = '' if top else ('`-- ' if last else '|-- ')
+        lines.append(f'{prefix}{branch}{what}  [{state.detail}]{answers}')
+        kids = children.get(stage.key, [])
+        for i, kid in enumerate(kids):
+            visit(kid, prefix + ('' if top else ('    ' if last else '|   ')), i == len(kids) - 1, False)
+
+    for stage in children.get(None, []):
+        visit(stage, '', True, True)
+    notes = [f'{row.method} {row.target}: {row.note}' for row in plan.rows if row.stage is None]
+    counts = {}
+    for state in states.values():
+        counts[state.status] = counts.get(state.status, 0) + 1
+    to_train = [s for s in plan.stages if states[s.key].status in ('todo', 'rerun', 'resume', 'waiting')]
+    remaining = sum(max(s.kimg - states[s.key].done_kimg, 0) for s in to_train)
+    summary = (f'Plan: {", ".join(plan.methods)} for {", ".join(plan.targets)}: {len(plan.stages)} stage(s) '
+               f'({", ".join(f"{n} {k}" for k, n in counts.items())}); {remaining:g} kimg to train')
+    return '\n'.join([summary] + lines + [f'  ({note})' for note in notes])
+
+#----------------------------------------------------------------------------
+# Running a plan.
+
+def write_derived_zip(derived: DerivedData) -> None:
+    """Write the child's images with dataset.json labelling them all as its class of the parent (skipped if current)."""
+    path = Path(derived.path)
+    stamp = dict(source_sha256=derived.source_sha256, label_names=list(derived.label_names), label=derived.label)
+    if path.is_file():
+        try:
+            with zipfile.ZipFile(path) as z:
+                meta = json.loads(z.read('dataset.json'))
+            if meta.get('derived_from') == stamp:
+                return
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+            pass
+    try:
+        source = zipfile.ZipFile(derived.source)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise PlanError(f'{derived.source}: cannot read the dataset zip ({exc})') from None
+    with source, atomic_write(path, 'wb') as f, zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED) as out:
+        names = sorted(n for n in source.namelist() if os.path.splitext(n)[1].lower() in ('.png', '.jpg', '.jpeg'))
+        for name in names:
+            # A fixed date keeps the file byte-identical from run to run.
+            out.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), source.read(name))
+        meta = dict(labels=[[name, derived.label] for name in names], label_names=list(derived.label_names), derived_from=stamp)
+        out.writestr(zipfile.ZipInfo('dataset.json', date_time=(1980, 1, 1, 0, 0, 0)), json.dumps(meta))
+
+@contextlib.contextmanager
+def experiment_lock(outdir):
+    """Hold OUTDIR/.train_hier.lock so two drivers never train the same stages at once."""
+    os.makedirs(outdir, exist_ok=True)
+    path = os.path.join(outdir, LOCK_FILE)
+    with open(path, 'a+') as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise PlanError(f'{outdir}: another train_hier.py is running on this folder (lock {path})') from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+def _supersede(outdir, key) -> str:
+    """Move a stale stage folder to OUTDIR/superseded/<key>-<n>; returns the new path."""
+    base = Path(outdir) / SUPERSEDED_DIR
+    base.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while (base / f'{key}-{n}').exists():
+        n += 1
+    shutil.move(str(Path(outdir) / key), str(base / f'{key}-{n}'))
+    return str(base / f'{key}-{n}')
+
+def _check_dataset(manifest, stage: Stage) -> None:
+    """The training zip must still have the manifest's hash (a zip edited after the build would be trained silently)."""
+    if stage.derived is not None:
+        check = manifest.verify(stage.taxon)
+        if check != 'ok':
+            raise PlanError(f'{stage.derived.source}: {check}; rebuild the datasets')
+        write_derived_zip(stage.derived)
+        return
+    check = manifest.verify(stage.taxon)
+    if check != 'ok':
+        raise PlanError(f'{stage.data}: {check}; rebuild the datasets')
+
+def evaluate_pickle(
+    pkl,                            # network pickle to evaluate (its G_ema)
+    evaluation:     Evaluation,     # the real images
+    metrics,                        # metric names, e.g. ['fid50k_full', 'kid50k_full']
+    detector,                       # 'inception', 'taxon:PATH' or a TorchScript path
+    device          = None,         # torch device; None = cuda when available, else cpu
+    run_dir         = None,         # also append metric-<name>.jsonl here; None = do not
+    cache_dir       = None,         # detector and real-feature cache; None = the default
+    progress        = True,         # progress bars
+) -> dict:
+    """Compute the metrics of a pickle against the evaluation's images: dict(metrics, detector_id, num_real, num_gen)."""
+    import copy
+
+    from stylegan2ada.metrics import metric_main
+    from stylegan2ada.pickles import load_network_pkl
+    from taxogan_ext import dcgan  # noqa: F401  (registers the DCGAN baseline's classes for its pickles)
+    data = load_network_pkl(pkl)
+    G = data['G_ema'] if data.get('G_ema') is not None else data['G']
+    G = copy.deepcopy(G).eval().requires_grad_(False)
+    if device is not None:
+        G = G.to(device)
+    kwargs = dict(path=evaluation.data, use_labels=G.c_dim > 0, max_size=None, xflip=False, random_seed=0,
+                  resolution=G.img_resolution)
+    out = dict(metrics={}, detector_id=None, num_real=None, num_gen=None, extra={})
+    for metric in metrics:
+        try:
+            result = metric_main.calc_metric(metric, G, kwargs, detector=detector, device=device, progress=progress,
+                                             cache_dir=cache_dir, taxon=None if G.c_dim else evaluation.taxon)
+        except metric_main.MetricError as exc:
+            # Classifier accuracy has no answer for a taxon above the classifier's classes (the parent stage).
+            if not metric_main.parse_metric_name(metric).family == 'acc':
+                raise
+            out['extra'].setdefault('skipped', {})[metric] = str(exc)
+            continue
+        metric_main.report_metric(result, run_dir, pkl)
+        out['metrics'].update(result['results'])
+        out['detector_id'] = result['detector_id']
+        out['num_real'] = result.get('num_real', out['num_real'])
+        out['num_gen'] = result.get('num_gen', out['num_gen'])
+        if 'per_taxon' in result:
+            out['extra'][result['metric'] + '_per_taxon'] = result['per_taxon']
+    return out
+
+def run_plan(
+    plan:           Plan,
+    manifest,                       # taxonomy.Manifest the plan was built from
+    train_fn,                       # f(stage, run_dir, resume_snapshot, start_pkl, progress_callback) -> final pickle path
+    metrics,                        # evaluation metric names
+    detector,                       # evaluation detector spec
+    evaluate_fn     = evaluate_pickle,  # f(pkl, evaluation, metrics, detector, run_dir=...) -> dict (see evaluate_pickle)
+    log             = print,        # where status lines go
+    progress        = True,         # overall progress bar (kimg of the whole plan, with its ETA)
+    experiment      = None,         # name stored in the records; None = the folder name
+) -> list[dict]:
+    """Train and evaluate every stage that is not done; returns the records appended to results.jsonl."""
+    outdir = Path(plan.outdir)
+    metrics = list(metrics)
+    experiment = experiment or outdir.resolve().name
+    results_path = outdir / RESULTS_FILE
+    appended = []
+    with experiment_lock(outdir):
+        write_json_atomic(outdir / PLAN_FILE, plan.to_dict())
+        records = read_results(results_path)
+        states = plan_states(plan, records, metrics, detector)
+        todo = [s for s in plan.stages if states[s.key].status in ('todo', 'rerun', 'resume', 'waiting')]
+        total_kimg = sum(max(s.kimg - states[s.key].done_kimg, 0) for s in todo)
+        log(format_plan(plan, states))
+        bar = tqdm.tqdm(total=round(total_kimg, 3), unit='kimg', disable=not progress or total_kimg == 0, dynamic_ncols=True,
+                        bar_format='{desc} {percentage:3.0f}%|{bar}| {n:.3f}/{total:.3f} kimg [{elapsed}<{remaining}]')
+        with bar:
+            trained_kimg = 0.0
+            for index, stage in enumerate(plan.stages, 1):
+                # The state is recomputed now: a start stage may have been trained since the plan was printed.
+                if stage.start_kind == 'scratch':
+                    start_sha = None
+                elif stage.start_kind == 'pickle':
+                    start_sha = sha256_file(stage.start)
+                else:
+                    start_sha = final_sha256(outdir, stage.start)
+                    if start_sha is None:
+                        raise PlanError(f'stage {stage.key}: its start stage {stage.start} has no final pickle')
+                state = inspect_stage(stage, outdir, start_sha, True, records, metrics, detector)
+                folder = outdir / stage.key
+                header = f'[{index}/{len(plan.stages)}] {stage.label}'
+                if state.status == 'done':
+                    log(f'{header}: done, skipped')
+                    continue
+
+                if state.status != 'evaluate':
+                    if state.status == 'rerun':
+                        moved = _supersede(outdir, stage.key)
+                        log(f'{header}: {state.detail}; old folder moved to {moved}')
+                    elif state.status == 'todo' and folder.exists():
+                        shutil.rmtree(folder)       # only files of a run that never wrote a snapshot
+                    _check_dataset(manifest, stage)
+                    start_pkl = None
+                    if stage.start_kind == 'pickle':
+                        start_pkl = stage.start
+                    elif stage.start_kind == 'stage':
+                        start_pkl = str(outdir / stage.start / read_json(outdir / stage.start / STAGE_FILE)['final_pkl'])
+                    stage_record = dict(format=STAGE_FORMAT, key=stage.key, state='training', fingerprint=state.fingerprint,
+                                        inputs=state.inputs, start_pkl=start_pkl, started=time.time())
+                    if state.status == 'resume':
+                        old = read_json(folder / STAGE_FILE) or {}
+                        stage_record['started'] = old.get('started', stage_record['started'])
+                    write_json_atomic(folder / STAGE_FILE, stage_record)
+
+                    base_kimg = state.done_kimg
+                    bar.set_description_str(f'{header} ({stage.kimg:g} kimg)')
+                    log(f'{header}: {"resuming from " + os.path.basename(state.snapshot) if state.snapshot else "training"} '
+                        f'on {stage.num_images} images, {stage.kimg:g} kimg')
+
+                    def callback(cur_nimg, total_nimg, base=trained_kimg, start=base_kimg, kimg=stage.kimg):
+                        # The last batch may overshoot the stage's kimg; the bar counts the plan's kimg only.
+                        bar.n = round(min(base + min(cur_nimg / 1000, kimg) - start, total_kimg), 3)
+                        bar.set_postfix_str(f'stage kimg {cur_nimg / 1000:.3f}/{total_nimg / 1000:g}')
+                        bar.refresh()
+
+                    t0 = time.time()
+                    final = train_fn(stage, str(folder), state.snapshot, start_pkl, callback)
+                    trained_kimg += max(stage.kimg - base_kimg, 0)
+                    bar.n = round(min(trained_kimg, total_kimg), 3)
+                    bar.refresh()
+                    if final is None or not os.path.isfile(final):
+                        raise PlanError(f'stage {stage.key}: training returned no final snapshot')
+                    stat = os.stat(final)
+                    stage_record.update(state='trained', final_pkl=os.path.basename(final), final_sha256=sha256_file(final),
+                                        final_size=stat.st_size, final_mtime_ns=stat.st_mtime_ns,
+                                        train_seconds=time.time() - t0, resumed=state.status == 'resume', finished=time.time())
+                    write_json_atomic(folder / STAGE_FILE, stage_record)
+                    state.final_pkl = final
+
+                # Evaluation: one record per evaluated taxon.
+                stage_record = read_json(folder / STAGE_FILE)
+                for ev in stage.evaluations:
+                    if any(r.get('stage') == stage.key and r.get('taxon') == ev.taxon and r.get('fingerprint') == state.fingerprint
+                           and r.get('requested_metrics') == metrics and r.get('detector') == detector for r in records):
+                        continue        # evaluated already (a conditional stage evaluates several taxa)
+                    if ev.derived is not None:
+                        write_derived_zip(ev.derived)
+                    log(f'{header}: evaluating {", ".join(metrics)} on {ev.taxon} ({ev.num_images} real images)')
+                    t0 = time.time()
+                    out = evaluate_fn(state.final_pkl, ev, metrics, detector, run_dir=str(folder))
+                    record = dict(
+                        format=RESULTS_FORMAT, experiment=experiment, stage=stage.key, taxon=ev.taxon, method=stage.method,
+                        source=stage.source, origin=stage.origin, chain=list(stage.chain), trained_on=stage.taxon,
+                        num_images=ev.num_images, train_images=stage.num_images, kimg=stage.kimg, cond=stage.cond,
+                        fingerprint=state.fingerprint, pkl=os.path.relpath(state.final_pkl, outdir), data=ev.data,
+                        datasets=plan.datasets, requested_metrics=metrics, detector=detector, detector_id=out.get('detector_id'),
+                        metrics=out['metrics'], num_real=out.get('num_real'), num_gen=out.get('num_gen'),
+                        extra=out.get('extra', {}),
+                        train_options=stage.train_options, overrides=stage.overrides, train_seconds=stage_record.get('train_seconds'),
+                        eval_seconds=time.time() - t0, timestamp=time.time(),
+                        date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'), host=platform.node(),
+                    )
+                    append_record(results_path, record)
+                    records.append(record)
+                    appended.append(record)
+                    log(f'{header}: {ev.taxon}: ' + ', '.join(f'{k} {v:.4g}' for k, v in out['metrics'].items()))
+    return appended
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,703 @@
+"""Reports of an experiment: the paper's tables (Markdown, CSV), image grids per taxon, training curves (PNG).
+
+Input is an experiment folder written by train_hier.py: `results.jsonl` (one record per evaluated stage and
+taxon) and the stage folders (stage.json, stats.jsonl, metric-*.jsonl, pickles). Table 1 experiments are a
+folder of such experiments, one per configuration (`make table1`).
+
+Numbers computed with the taxon classifier as feature detector are not comparable with the paper's, which
+use Inception-v3: the tables name the detector of every column and show the paper's values only in columns
+labelled "paper (Inception)".
+
+    python -m taxogan_ext.report runs/copepoda
+    python -m taxogan_ext.report runs/table1 --layout table1
+"""
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import click
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from stylegan2ada.dataset import DatasetError
+from stylegan2ada.pickles import NetworkPickleError
+from stylegan2ada.util import write_text_atomic
+from taxogan_ext import hierarchy
+
+#----------------------------------------------------------------------------
+# The paper's numbers (Martinel et al. 2024): FID50k and KID50k x 100 with Inception-v3, 256x256, BOLD images.
+
+PAPER_DETECTOR = 'Inception'
+PAPER_TABLE1_TAXON = 'Calanoida'
+PAPER_TABLE1 = {                            # configuration -> FID50k on Calanoida
+    'DCGAN':                    239.240,
+    'StyleGAN2':                137.426,
+    'StyleGAN2 + ADA':          44.774,
+    'StyleGAN2 + ADA + LeCam':  39.341,
+}
+TABLE1_ORDER = tuple(PAPER_TABLE1)
+PAPER_TABLE2 = {                            # taxon -> method -> (FID, KID x 100)
+    'Calanoida':         {'direct': (39.341, 1.204),                                'descending': (36.529, 0.931)},
+    'Cyclopoida':        {'direct': (60.401, 2.327),  'lateral': (50.504, 1.545),   'descending': (47.017, 1.215)},
+    'Harpacticoida':     {'direct': (119.298, 2.323), 'lateral': (114.288, 2.070),  'descending': (108.533, 1.503)},
+    'Siphonostomatoida': {'direct': (111.865, 1.611), 'lateral': (107.610, 1.549),  'descending': (96.995, 0.990)},
+}
+PAPER_TABLE2_SOURCES = {'direct': None, 'lateral': 'Calanoida', 'descending': 'Copepoda'}   # what each paper column started from
+
+METHOD_ORDER = ('direct', 'lateral', 'descending', 'finetune', 'conditional', 'conditional-ft')
+GRID_FILE = 'grid-{}.png'
+OVERVIEW_FILE = 'overview.png'
+CURVES_FILE = 'curves.png'
+
+#----------------------------------------------------------------------------
+
+class ReportError(Exception):
+    """An experiment folder that cannot be reported; one line naming the file."""
+
+#----------------------------------------------------------------------------
+# Records.
+
+def current_records(
+    exp_dir,        # experiment folder holding results.jsonl
+) -> list[dict]:
+    """The latest record of each (stage, taxon), leaving out records of stages retrained since (stale fingerprint)."""
+    path = Path(exp_dir) / hierarchy.RESULTS_FILE
+    if not path.is_file():
+        raise ReportError(f'{path}: no such file (run train_hier.py first)')
+    try:
+        records = hierarchy.read_results(path)
+    except hierarchy.PlanError as exc:
+        raise ReportError(str(exc)) from None
+    latest = {}
+    for record in records:
+        latest[(record['stage'], record['taxon'])] = record     # later lines win
+    out = []
+    for record in latest.values():
+        stage = hierarchy.read_json(Path(exp_dir) / record['stage'] / hierarchy.STAGE_FILE)
+        if stage is not None and stage.get('fingerprint') != record.get('fingerprint'):
+            continue
+        out.append(record)
+    return out
+
+def metric_value(record: dict, family: str):
+    """(name, value) of the record's first metric of a family ('fid', 'kid', 'acc'), or (None, None)."""
+    for name, value in record.get('metrics', {}).items():
+        if name.startswith(family):
+            return name, value
+    return None, None
+
+def detector_label(spec: str | None) -> str:
+    """'Inception', 'taxon classifier (taxon.pt)' or the file name of another detector."""
+    if not spec or spec == 'inception':
+        return PAPER_DETECTOR
+    if spec.startswith('taxon:'):
+        return f'taxon classifier ({os.path.basename(spec[len("taxon:"):])})'
+    return os.path.basename(spec)
+
+def chain_label(record: dict) -> str:
+    """'Copepoda > Calanoida' (the --resume pickle first, ' [cond]' for a conditional stage)."""
+    chain = ([record['origin']] if record.get('origin') else []) + list(record.get('chain') or [record['taxon']])
+    return ' > '.join(chain) + (' [cond]' if record.get('cond') else '')
+
+def column_key(record: dict) -> tuple:
+    """(method, source, origin): the table column a record belongs to."""
+    return (record.get('method'), record.get('source'), record.get('origin'))
+
+def column_label(key: tuple) -> str:
+    """'direct', 'lateral (from Calanoida)', 'descending (from Copepoda)', ..."""
+    method, source, origin = key
+    label = {
+        'direct': 'direct',
+        'lateral': f'lateral (from {source})',
+        'descending': f'descending (from {source})',
+        'finetune': f'fine-tuned (from {origin})',
+        'conditional': f'conditional ({source} classes)',
+        'conditional-ft': f'conditional + fine-tune ({source})',
+    }.get(method, f'{method} (from {source})' if source else str(method))
+    if origin and method != 'finetune':
+        label += f' [start: {origin}]'
+    return label
+
+def _sort_columns(keys):
+    def rank(key):
+        method = key[0]
+        return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), str(key[1]), str(key[2]))
+    return sorted(set(keys), key=rank)
+
+def _taxon_order(records) -> list[str]:
+    """Taxa in the manifest's tree order when the manifest can be read, else in order of appearance."""
+    seen = list(dict.fromkeys(r['taxon'] for r in records))
+    datasets = next((r.get('datasets') for r in records if r.get('datasets')), None)
+    if datasets:
+        try:
+            from taxogan_ext.taxonomy import ManifestError, load_manifest
+            order = list(load_manifest(datasets).taxa)
+            return sorted(seen, key=lambda t: order.index(t) if t in order else len(order))
+        except (ManifestError, OSError):
+            pass
+    return seen
+
+def paper_reference(key: tuple, taxon: str):
+    """The paper's (FID, KID x100) for this column and taxon, or None when the paper has no such cell."""
+    method, source, origin = key
+    if origin is not None or method not in PAPER_TABLE2_SOURCES or PAPER_TABLE2_SOURCES[method] != source:
+        return None
+    return PAPER_TABLE2.get(taxon, {}).get(method)
+
+def _fmt(value, digits=3) -> str:
+    return '-' if value is None or (isinstance(value, float) and math.isnan(value)) else f'{value:.{digits}f}'
+
+def _cell(record) -> str:
+    if record is None:
+        return '-'
+    _, fid = metric_value(record, 'fid')
+    _, kid = metric_value(record, 'kid')
+    return f'{_fmt(fid)} / {_fmt(None if kid is None else kid * 100)}'
+
+#----------------------------------------------------------------------------
+# Hierarchical experiments (Table 2 layout).
+
+def hier_table(records) -> dict:
+    """Rows (taxa) x columns (method, source, origin) of an experiment, with the paper's matching cells."""
+    columns = _sort_columns(column_key(r) for r in records)
+    taxa = _taxon_order(records)
+    cells = {(r['taxon'], column_key(r)): r for r in records}
+    is_paper = any(t in PAPER_TABLE2 for t in taxa)
+    paper_columns = {key for key in columns if is_paper and any(paper_reference(key, t) for t in taxa)}
+    return dict(columns=columns, taxa=taxa, cells=cells, paper_columns=paper_columns)
+
+def _images_of(records, taxon):
+    return next((r.get('num_images') for r in records if r['taxon'] == taxon), None)
+
+def _metric_summary(records, cells='Cells are FID / KID x 100.') -> str:
+    fids = sorted({metric_value(r, 'fid')[0] for r in records} - {None})
+    kids = sorted({metric_value(r, 'kid')[0] for r in records} - {None})
+    detectors = sorted({detector_label(r.get('detector')) for r in records})
+    return f'Metrics: {", ".join(fids + kids) or "none"}; detector: {", ".join(detectors)}. {cells}'.rstrip()
+
+def _detector_note(records) -> list[str]:
+    if all(detector_label(r.get('detector')) == PAPER_DETECTOR for r in records):
+        return ['The columns marked "paper ... (Inception)" are the published values (FID50k / KID50k x 100, 256 px, BOLD images); '
+                'they compare with ours only at the paper\'s resolution, data and training length.']
+    return ['Our numbers use the taxon classifier as feature detector, not Inception-v3: they rank methods within this '
+            'table but are NOT comparable with the paper\'s numbers. The columns marked "paper ... (Inception)" are the '
+            'published Inception values, shown for reference only.']
+
+def _provenance(records) -> str:
+    dates = sorted(r.get('date') for r in records if r.get('date'))
+    hosts = sorted({r.get('host') for r in records if r.get('host')})
+    # Several records (taxa) can come from one stage: count each stage's training once.
+    train = sum(r.get('train_seconds') or 0 for r in {(r.get('experiment_dir'), r['stage']): r for r in records}.values())
+    span = dates[0][:10] if dates else '?'
+    if dates and dates[-1][:10] != dates[0][:10]:
+        span += f' to {dates[-1][:10]}'
+    return (f'Evaluated {span}'
+            + f' on {", ".join(hosts) or "?"}; training time of these stages {train / 60:.1f} min.')
+
+def hier_markdown(records, title='Results') -> str:
+    """The experiment's table in Markdown: a row per taxon, a column per method (+ the paper's where it has one)."""
+    t = hier_table(records)
+    header = ['taxon', 'images']
+    for key in t['columns']:
+        header.append(column_label(key))
+        if key in t['paper_columns']:
+            header.append(f'{column_label(key)}: paper ({PAPER_DETECTOR})')
+    lines = [f'# {title}', '', _metric_summary(records), '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for taxon in t['taxa']:
+        row = [taxon, str(_images_of(records, taxon) or '-')]
+        for key in t['columns']:
+            row.append(_cell(t['cells'].get((taxon, key))))
+            if key in t['paper_columns']:
+                ref = paper_reference(key, taxon)
+                row.append(f'{ref[0]:.3f} / {ref[1]:.3f}' if ref else '-')
+        lines.append('| ' + ' | '.join(row) + ' |')
+    accs = [r for r in records if metric_value(r, 'acc')[0]]
+    if accs:
+        name = metric_value(accs[0], 'acc')[0]
+        lines += ['', f'Taxon-classifier accuracy of generated images ({name}: share classified as their taxon):', '',
+                  '| taxon | ' + ' | '.join(column_label(k) for k in t['columns']) + ' |', '|' + '---|' * (len(t['columns']) + 1)]
+        for taxon in t['taxa']:
+            cells = [_fmt(metric_value(t['cells'][(taxon, k)], 'acc')[1]) if (taxon, k) in t['cells'] else '-'
+                     for k in t['columns']]
+            lines.append(f'| {taxon} | ' + ' | '.join(cells) + ' |')
+    lines += [''] + _detector_note(records) + ['', _provenance(records), '']
+    return '\n'.join(lines)
+
+CSV_FIELDS = ('taxon', 'images', 'column', 'method', 'source', 'origin', 'stage', 'kimg', 'detector', 'fid_metric', 'fid',
+              'kid_metric', 'kid_x100', 'acc_metric', 'acc', 'paper_fid_inception', 'paper_kid_x100_inception', 'date')
+
+def hier_csv_rows(records) -> list[dict]:
+    """One CSV row per (taxon, column) with a result."""
+    t = hier_table(records)
+    out = []
+    for taxon in t['taxa']:
+        for key in t['columns']:
+            r = t['cells'].get((taxon, key))
+            if r is None:
+                continue
+            fid_name, fid = metric_value(r, 'fid')
+            kid_name, kid = metric_value(r, 'kid')
+            acc_name, acc = metric_value(r, 'acc')
+            ref = paper_reference(key, taxon) if key in t['paper_columns'] else None
+            out.append(dict(taxon=taxon, images=r.get('num_images'), column=column_label(key), method=key[0], source=key[1] or '',
+                            origin=key[2] or '', stage=r['stage'], kimg=r.get('kimg'), detector=r.get('detector'),
+                            fid_metric=fid_name or '', fid=fid, kid_metric=kid_name or '',
+                            kid_x100=None if kid is None else kid * 100,
+                            acc_metric=acc_name or '', acc=acc, paper_fid_inception=ref[0] if ref else None,
+                            paper_kid_x100_inception=ref[1] if ref else None, date=r.get('date')))
+    return out
+
+#----------------------------------------------------------------------------
+# Table 1: configurations on one taxon.
+
+def table1_configuration(options: dict) -> str:
+    """The Table 1 row a run's train.py options belong to (options not given are train.py's defaults)."""
+    if options.get('model', 'stylegan2') == 'dcgan':
+        return 'DCGAN'
+    if options.get('aug', 'ada') == 'noaug':
+        return 'StyleGAN2'
+    name = 'StyleGAN2 + ADA' if options.get('aug', 'ada') == 'ada' else f'StyleGAN2 + {options["aug"]} augmentation'
+    if float(options.get('lecam_weight', 0) or 0) > 0:
+        name += ' + LeCam'
+    return name
+
+def table1_records(root) -> list[tuple[str, dict]]:
+    """(configuration, record) for each experiment folder under `root` (its direct record on the Table 1 taxon)."""
+    out = []
+    for sub in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
+        if not (sub / hierarchy.RESULTS_FILE).is_file():
+            continue
+        records = [r for r in current_records(sub) if r.get('method') == 'direct']
+        for record in records:
+            out.append((table1_configuration(record.get('train_options') or {}), dict(record, experiment_dir=str(sub))))
+    if not out:
+        raise ReportError(f'{root}: no experiment folders with {hierarchy.RESULTS_FILE} inside')
+    order = {name: i for i, name in enumerate(TABLE1_ORDER)}
+    return sorted(out, key=lambda item: (order.get(item[0], len(order)), item[0], item[1]['taxon']))
+
+def table1_markdown(items, title='Table 1') -> str:
+    """Table 1 layout: a row per configuration, FID and KID x100 with the detector named, the paper's FID beside."""
+    records = [r for _, r in items]
+    multi = len({r['taxon'] for r in records}) > 1
+    header = (['configuration'] + (['taxon'] if multi else [])
+              + ['images', 'kimg', 'FID', 'KID x 100', f'paper FID50k ({PAPER_DETECTOR})'])
+    lines = [f'# {title}', '', _metric_summary(records, cells=''), '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for name, r in items:
+        _, fid = metric_value(r, 'fid')
+        _, kid = metric_value(r, 'kid')
+        paper = PAPER_TABLE1.get(name) if r['taxon'] == PAPER_TABLE1_TAXON else None
+        row = [name] + ([r['taxon']] if multi else []) + [str(r.get('num_images', '-')), f'{r.get("kimg", 0):g}', _fmt(fid),
+                                                          _fmt(None if kid is None else kid * 100), _fmt(paper)]
+        lines.append('| ' + ' | '.join(row) + ' |')
+    lines += [''] + _detector_note(records) + ['', _provenance(records), '']
+    return '\n'.join(lines)
+
+TABLE1_CSV_FIELDS = ('configuration', 'taxon', 'images', 'kimg', 'experiment', 'detector', 'fid_metric', 'fid', 'kid_metric',
+                     'kid_x100', 'paper_fid50k_inception', 'date')
+
+def table1_csv_rows(items) -> list[dict]:
+    """One CSV row per configuration."""
+    rows = []
+    for name, r in items:
+        fid_name, fid = metric_value(r, 'fid')
+        kid_name, kid = metric_value(r, 'kid')
+        rows.append(dict(configuration=name, taxon=r['taxon'], images=r.get('num_images'), kimg=r.get('kimg'),
+                         experiment=os.path.basename(r['experiment_dir']), detector=r.get('detector'), fid_metric=fid_name or '',
+                         fid=fid, kid_metric=kid_name or '', kid_x100=None if kid is None else kid * 100,
+                         paper_fid50k_inception=PAPER_TABLE1.get(name) if r['taxon'] == PAPER_TABLE1_TAXON else None,
+                         date=r.get('date')))
+    return rows
+
+#----------------------------------------------------------------------------
+# Files.
+
+def _csv_text(fields, rows) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields), lineterminator='\n')
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: '' if row.get(k) is None else (f'{row[k]:.6g}' if isinstance(row[k], float) else row[k])
+                         for k in fields})
+    return buf.getvalue()
+
+def _save_png(image: Image.Image, path) -> None:
+    from stylegan2ada.image_utils import save_png_atomic
+    save_png_atomic(image, str(path))
+
+#----------------------------------------------------------------------------
+# Image grids.
+
+def _font(size=12):
+    return ImageFont.load_default(size=size)
+
+def _text_width(draw, text, font) -> int:
+    box = draw.textbbox((0, 0), text, font=font)
+    return box[2] - box[0]
+
+def _to_rgb_image(array_chw, cell) -> Image.Image:
+    """uint8 [C, H, W] -> RGB PIL image resized to cell x cell."""
+    array = np.asarray(array_chw).transpose(1, 2, 0)
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    image = Image.fromarray(np.ascontiguousarray(array), 'RGB')
+    if image.size != (cell, cell):
+        image = image.resize((cell, cell), Image.Resampling.BICUBIC if cell > image.size[0] else Image.Resampling.LANCZOS)
+    return image
+
+def real_images(data, num, seed=0) -> np.ndarray:
+    """`num` real images of a dataset (a fixed random choice; repeats when it has fewer), uint8 [N, C, H, W]."""
+    from stylegan2ada.dataset import ImageFolderDataset
+    dataset = ImageFolderDataset(data, use_labels=False, cache=False)
+    rnd = np.random.RandomState(seed)
+    idx = rnd.permutation(len(dataset))[:num] if len(dataset) >= num else rnd.randint(len(dataset), size=num)
+    images = np.stack([dataset[int(i)][0] for i in idx])
+    dataset.close()
+    return images
+
+def generated_images(pkl, data, num, seed=0, device='cpu') -> np.ndarray:
+    """`num` images of a pickle's G_ema (z from seeds seed..seed+num-1, psi 1, const noise), uint8 [N, C, H, W].
+
+    A conditional generator draws the class of the dataset's first image (the derived per-child datasets hold one)."""
+    import torch
+
+    from stylegan2ada.dataset import ImageFolderDataset
+    from stylegan2ada.image_utils import to_uint8
+    from stylegan2ada.pickles import load_network_pkl
+    from taxogan_ext import dcgan  # noqa: F401  (registers the DCGAN baseline's classes for its pickles)
+    data_pkl = load_network_pkl(pkl)
+    G = (data_pkl['G_ema'] if data_pkl.get('G_ema') is not None else data_pkl['G']).eval().to(device)
+    c = torch.zeros([num, G.c_dim], device=device)
+    if G.c_dim:
+        dataset = ImageFolderDataset(data, use_labels=True, cache=False)
+        c[:] = torch.from_numpy(dataset.get_label(0)).to(device)
+        dataset.close()
+    z = torch.from_numpy(np.stack([np.random.RandomState(seed + i).randn(G.z_dim) for i in range(num)])).to(device, torch.float32)
+    with torch.no_grad():
+        images = torch.cat([to_uint8(G(zb, cb, truncation_psi=1, noise_mode='const')) for zb, cb in zip(z.split(16), c.split(16))])
+    return images.cpu().numpy()
+
+def compose_grid(
+    rows,                   # list of (label, uint8 [N, C, H, W]) drawn one row each
+    title       = '',       # line above the grid
+    cell        = None,     # pixels per image; None = the images' side, at least 64 and at most 256
+    gap         = 2,        # pixels between images
+) -> Image.Image:
+    """Label column + one row of images per entry, white background."""
+    font, title_font = _font(12), _font(14)
+    probe = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+    side = rows[0][1].shape[2]
+    cell = cell or int(min(max(side, 64), 256))
+    ncols = max(len(images) for _, images in rows)
+    label_w = max(_text_width(probe, label, font) for label, _ in rows) + 12
+    top = 24 if title else 4
+    width = label_w + ncols * (cell + gap) + gap
+    height = top + len(rows) * (cell + gap) + gap
+    canvas = Image.new('RGB', (width, height), 'white')
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((6, 4), title, fill='black', font=title_font)
+    for r, (label, images) in enumerate(rows):
+        y = top + gap + r * (cell + gap)
+        draw.text((6, y + cell // 2 - 6), label, fill='black', font=font)
+        for c, image in enumerate(images):
+            canvas.paste(_to_rgb_image(image, cell), (label_w + gap + c * (cell + gap), y))
+    return canvas
+
+def _grid_entries(records, by_label):
+    """[(taxon, [(row label, record)])] for the grids; by_label = row label of a record."""
+    out = {}
+    for record in records:
+        out.setdefault(record['taxon'], []).append((by_label(record), record))
+    return out
+
+def write_grids(
+    exp_dir,                # experiment folder: grid-<Taxon>.png and overview.png go here
+    entries,                # {taxon: [(row label, record), ...]} (record['pkl'] relative to base_dir)
+    base_dir    = None,     # folder the records' pkl paths are relative to; None = exp_dir
+    num         = 8,        # images per row of a taxon's grid
+    overview    = 4,        # images per block of the overview
+    device      = 'cpu',    # torch device of the generators
+) -> list[str]:
+    """Per taxon a grid (real images, then each method's generated images) and one overview of all taxa."""
+    written = []
+    blocks = {}         # taxon -> {row label: images}, for the overview
+    for taxon, items in entries.items():
+        real = real_images(items[0][1]['data'], num)
+        rows = [('real', real)]
+        for label, record in items:
+            pkl = Path(record.get('experiment_dir') or base_dir or exp_dir) / record['pkl']
+            rows.append((label, generated_images(str(pkl), record['data'], num, device=device)))
+        path = Path(exp_dir) / GRID_FILE.format(hierarchy._safe(taxon))
+        _save_png(compose_grid(rows, title=f'{taxon} ({items[0][1].get("num_images", "?")} images): real, then generated'), path)
+        written.append(str(path))
+        blocks[taxon] = {label: images[:overview] for label, images in rows}
+    if blocks:
+        # One block of images per row label, in first-seen order; a taxon without that row gets white cells.
+        labels = list(dict.fromkeys(label for row in blocks.values() for label in row))
+        shape = next(iter(next(iter(blocks.values())).values())).shape
+        blank = np.full([overview] + list(shape[1:]), 255, dtype=np.uint8)
+        over_rows = [(taxon, np.concatenate([row.get(label, blank) for label in labels])) for taxon, row in blocks.items()]
+        title = f'Blocks of {overview}: ' + ' | '.join(labels)
+        image = compose_grid(over_rows, title=title, cell=min(max(shape[2], 64), 128))
+        path = Path(exp_dir) / OVERVIEW_FILE
+        _save_png(image, path)
+        written.append(str(path))
+    return written
+
+#----------------------------------------------------------------------------
+# Training curves, drawn with PIL.
+
+PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About `count` round tick values (steps 1, 2, 5 x 10^k) covering [lo, hi]."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return [0.0]
+    if hi <= lo:
+        # A flat series sits in the middle of a small range around it.
+        half = abs(lo) * 0.1 if lo else 1.0
+        lo, hi = lo - half, hi + half
+    raw = (hi - lo) / max(count - 1, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw * (1 - 1e-9))   # tolerance: (0.021 - 0.013) / 4 > 0.002
+    first = math.floor(lo / step) * step
+    ticks = []
+    value = first
+    while value <= hi + step * 1e-9:
+        ticks.append(round(value, 12))
+        value += step
+    if ticks[-1] < hi:
+        ticks.append(round(value, 12))
+    return ticks
+
+class Axes:
+    """Maps data coordinates into a pixel box (y up)."""
+
+    def __init__(self, box, xlim, ylim):
+        self.box = box                  # (left, top, right, bottom) in pixels
+        self.xlim = xlim
+        self.ylim = ylim
+
+    def __call__(self, x: float, y: float) -> tuple[float, float]:
+        """Pixel position of data point (x, y)."""
+        left, top, right, bottom = self.box
+        (x0, x1), (y0, y1) = self.xlim, self.ylim
+        px = left + (x - x0) / (x1 - x0) * (right - left)
+        py = bottom - (y - y0) / (y1 - y0) * (bottom - top)
+        return px, py
+
+def draw_panel(
+    draw,                   # ImageDraw of the figure
+    box,                    # (left, top, right, bottom) of the plot area
+    series,                 # [(label, color, [(x, y), ...])]; one point is drawn as a marker
+    title,                  # text above the panel
+    xlabel,                 # x-axis label
+    ylabel,                 # y-axis label
+    ylim        = None,     # (lo, hi); None = from the data
+) -> Axes:
+    """Axes, ticks, grid lines, labels and the series as lines with markers; returns the coordinate map."""
+    font = _font(11)
+    xs = [x for _, _, pts in series for x, _ in pts] or [0, 1]
+    ys = [y for _, _, pts in series for _, y in pts if math.isfinite(y)] or [0, 1]
+    xt = nice_ticks(min(0.0, min(xs)), max(xs))
+    yt = nice_ticks(*(ylim or (min(ys), max(ys))))
+    axes = Axes(box, (xt[0], xt[-1]), (yt[0], yt[-1]))
+    left, top, right, bottom = box
+    for x in xt:
+        px, _ = axes(x, yt[0])
+        draw.line([(px, top), (px, bottom)], fill=(230, 230, 230))
+        label = f'{x:g}'
+        draw.text((px - _text_width(draw, label, font) / 2, bottom + 4), label, fill='black', font=font)
+    for y in yt:
+        _, py = axes(xt[0], y)
+        draw.line([(left, py), (right, py)], fill=(230, 230, 230))
+        label = f'{y:g}'
+        draw.text((left - 6 - _text_width(draw, label, font), py - 6), label, fill='black', font=font)
+    draw.rectangle(box, outline='black')
+    draw.text((left, top - 18), title, fill='black', font=_font(13))
+    draw.text(((left + right) / 2 - _text_width(draw, xlabel, font) / 2, bottom + 20), xlabel, fill='black', font=font)
+    draw.text((right - _text_width(draw, ylabel, font), top - 16), ylabel, fill=(90, 90, 90), font=font)
+    for _, color, pts in series:
+        pts = [(x, y) for x, y in pts if math.isfinite(y)]
+        pix = [axes(x, y) for x, y in pts]
+        if len(pix) > 1:
+            draw.line(pix, fill=color, width=2)
+        for px, py in pix:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+    return axes
+
+def _read_jsonl(path) -> list[dict]:
+    out = []
+    try:
+        with open(path, encoding='utf-8') as f:
+            for line in f:
+                try:
+                    item = json.loads(line)
+                except ValueError:
+                    continue        # a line cut by a crash: the rest of the curve is still worth drawing
+                if isinstance(item, dict):
+                    out.append(item)
+    except OSError:
+        pass
+    return out
+
+def stage_curves(stage_dir, fid_metric) -> dict:
+    """dict(augment=[(kimg, p)], fid=[(kimg, value)]) of one stage folder (stats.jsonl, metric-<fid_metric>.jsonl).
+
+    A metric line has no kimg of its own: it is written just before the stats line of its tick, so it takes the kimg
+    of the first stats line written after it (the last one for the evaluation after training)."""
+    stats = _read_jsonl(Path(stage_dir) / 'stats.jsonl')
+    augment = [(s['Progress/kimg'], s.get('Progress/augment', 0.0)) for s in stats if 'Progress/kimg' in s]
+    fid = []
+    if fid_metric:
+        for line in _read_jsonl(Path(stage_dir) / f'metric-{fid_metric}.jsonl'):
+            value = line.get('results', {}).get(fid_metric)
+            if value is None:
+                continue
+            after = [s['Progress/kimg'] for s in stats
+                     if s.get('timestamp', 0) >= line.get('timestamp', 0) and 'Progress/kimg' in s]
+            kimg = after[0] if after else (augment[-1][0] if augment else 0.0)
+            fid.append((kimg, value))
+    return dict(augment=augment, fid=sorted(fid))
+
+def write_curves(
+    exp_dir,                # experiment folder (curves.png goes here)
+    stages,                 # [(label, stage folder, fid metric name)]
+    path        = None,     # output file; None = exp_dir/curves.png
+) -> str | None:
+    """FID and augment p over kimg, one line per stage, as a PNG; None when no stage has statistics."""
+    data = [(label, stage_curves(folder, metric)) for label, folder, metric in stages]
+    data = [(label, d) for label, d in data if d['augment'] or d['fid']]
+    if not data:
+        return None
+    width, panel_h = 900, 300
+    legend_h = 18 * len(data) + 10
+    height = 40 + 2 * (panel_h + 70) + legend_h
+    image = Image.new('RGB', (width, height), 'white')
+    draw = ImageDraw.Draw(image)
+    colors = {label: PALETTE[i % len(PALETTE)] for i, (label, _) in enumerate(data)}
+    metric_names = sorted({m for _, _, m in stages if m})
+    draw_panel(draw, (70, 40, width - 20, 40 + panel_h), [(l, colors[l], d['fid']) for l, d in data],
+               f'FID over training ({", ".join(metric_names) or "no FID metric"}; points: evaluations)', 'kimg of the stage', 'FID')
+    top2 = 40 + panel_h + 70
+    draw_panel(draw, (70, top2, width - 20, top2 + panel_h), [(l, colors[l], d['augment']) for l, d in data],
+               'ADA augmentation probability p', 'kimg of the stage', 'p',
+               ylim=(0.0, max([p for _, d in data for _, p in d['augment']] + [0.1])))
+    y = top2 + panel_h + 44
+    for label, _ in data:
+        draw.rectangle([70, y + 3, 84, y + 13], fill=colors[label])
+        draw.text((92, y), label, fill='black', font=_font(12))
+        y += 18
+    out = Path(path) if path else Path(exp_dir) / CURVES_FILE
+    _save_png(image, out)
+    return str(out)
+
+#----------------------------------------------------------------------------
+# Whole reports.
+
+def write_report(
+    exp_dir,                # experiment folder of train_hier.py
+    grids       = True,     # write the image grids
+    curves      = True,     # write the training curves
+    num_images  = 8,        # images per grid row
+    device      = 'cpu',    # torch device for the grids
+    title       = None,     # table title; None = the folder name
+) -> list[str]:
+    """table.md, table.csv, grid-<Taxon>.png, overview.png and curves.png of an experiment; returns the paths."""
+    exp_dir = Path(exp_dir)
+    records = current_records(exp_dir)
+    if not records:
+        raise ReportError(f'{exp_dir / hierarchy.RESULTS_FILE}: no current records')
+    written = []
+    write_text_atomic(exp_dir / 'table.md', hier_markdown(records, title or f'Experiment {exp_dir.resolve().name}'))
+    write_text_atomic(exp_dir / 'table.csv', _csv_text(CSV_FIELDS, hier_csv_rows(records)))
+    written += [str(exp_dir / 'table.md'), str(exp_dir / 'table.csv')]
+    if grids:
+        order = {key: i for i, key in enumerate(_sort_columns(column_key(r) for r in records))}
+        taxa = _taxon_order(records)
+        entries = _grid_entries(sorted(records, key=lambda r: (taxa.index(r['taxon']), order[column_key(r)])),
+                                lambda r: column_label(column_key(r)))
+        written += write_grids(exp_dir, entries, num=num_images, device=device)
+    if curves:
+        stages = {}
+        for r in records:
+            stages.setdefault(r['stage'], (chain_label(r), str(exp_dir / r['stage']), metric_value(r, 'fid')[0]))
+        path = write_curves(exp_dir, list(stages.values()))
+        if path:
+            written.append(path)
+    return written
+
+def write_table1_report(
+    root,                   # folder of Table 1 experiments (one sub-folder per configuration)
+    grids       = True,     # write grid-<Taxon>.png with a row per configuration
+    curves      = True,     # write curves.png with a line per configuration
+    num_images  = 8,        # images per grid row
+    device      = 'cpu',    # torch device for the grids
+) -> list[str]:
+    """table.md and table.csv in the paper's Table 1 layout (plus grids and curves) under `root`."""
+    root = Path(root)
+    items = table1_records(root)
+    written = [str(root / 'table.md'), str(root / 'table.csv')]
+    taxa = ', '.join(dict.fromkeys(r['taxon'] for _, r in items))
+    write_text_atomic(root / 'table.md', table1_markdown(items, title=f'Table 1: {taxa}, one network per configuration'))
+    write_text_atomic(root / 'table.csv', _csv_text(TABLE1_CSV_FIELDS, table1_csv_rows(items)))
+    if grids:
+        entries = {}
+        for name, record in items:
+            entries.setdefault(record['taxon'], []).append((name, record))
+        written += write_grids(root, entries, num=num_images, device=device)
+    if curves:
+        stages = [(name, str(Path(r['experiment_dir']) / r['stage']), metric_value(r, 'fid')[0]) for name, r in items]
+        path = write_curves(root, stages)
+        if path:
+            written.append(path)
+    return written
+
+#----------------------------------------------------------------------------
+# Command line.
+
+@click.command()
+# Main options.
+@click.argument('exp_dir', metavar='DIR', type=str)
+@click.option('--layout',     help='Experiment layout: a train_hier.py folder, or a folder of Table 1 runs (auto: by what is there)',
+              type=click.Choice(['auto', 'hier', 'table1']), default='auto', show_default=True)
+# I/O-related.
+@click.option('--grids/--no-grids',   help='Write the image grids', default=True, show_default=True)
+@click.option('--curves/--no-curves', help='Write the training curves', default=True, show_default=True)
+@click.option('--num',        help='Images per grid row', metavar='INT', type=click.IntRange(min=1, max=64), default=8, show_default=True)
+# Performance-related.
+@click.option('--device',     help='Device for generating grid images', type=click.Choice(['cpu', 'cuda']), default='cpu', show_default=True)
+def main(**kwargs):
+    """Write table.md, table.csv, grids and curves of an experiment folder.
+
+    \b
+    Examples:
+    python -m taxogan_ext.report runs/copepoda
+    python -m taxogan_ext.report runs/table1 --layout table1
+    """
+    c = dict(kwargs)
+    exp_dir = Path(c['exp_dir'])
+    if not exp_dir.is_dir():
+        raise click.ClickException(f'{exp_dir}: no such folder')
+    layout = c['layout']
+    if layout == 'auto':
+        layout = 'hier' if (exp_dir / hierarchy.RESULTS_FILE).is_file() else 'table1'
+    try:
+        if layout == 'hier':
+            written = write_report(exp_dir, grids=c['grids'], curves=c['curves'], num_images=c['num'], device=c['device'])
+        else:
+            written = write_table1_report(exp_dir, grids=c['grids'], curves=c['curves'], num_images=c['num'], device=c['device'])
+    except (ReportError, hierarchy.PlanError, NetworkPickleError, DatasetError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for path in written:
+        click.echo(f'wrote {path}')
+
+if __name__ == '__main__':
+    main()  # pylint: disable=no-value-for-parameter
+
+#----------------------------------------------------------------------------

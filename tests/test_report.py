@@ -1,0 +1,177 @@
+"""Reports: Table 2 and Table 1 layouts (Markdown, CSV) with the paper's numbers, stale records, grids, curves."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from stylegan2ada.networks import Generator
+from stylegan2ada.pickles import save_network_pkl
+from taxogan_ext import hierarchy, report
+from training_helpers import write_zip
+
+TAXON = 'taxon:/models/taxon.pt'
+
+
+def _record(stage, taxon, method, source=None, fid=10.0, kid=0.01, detector=TAXON, **extra):
+    fid_name, kid_name = ('fid50k_full', 'kid50k_full') if detector == 'inception' else ('fid1k_full_taxon', 'kid1k_full_taxon')
+    record = dict(stage=stage, taxon=taxon, method=method, source=source, origin=None, chain=[taxon], num_images=len(taxon),
+                  kimg=1.0, fingerprint='f-' + stage, detector=detector, metrics={fid_name: fid, kid_name: kid},
+                  date='2026-01-02T03:04:05+00:00', host='box', train_seconds=60.0)
+    record.update(extra)
+    return record
+
+
+def _write(folder, records):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / hierarchy.RESULTS_FILE, 'w') as f:
+        for record in records:
+            f.write(json.dumps(record) + '\n')
+
+
+def _table2_records(detector=TAXON):
+    return [
+        _record('Calanoida', 'Calanoida', 'direct', fid=40.0, kid=0.0123, detector=detector),
+        _record('Cyclopoida', 'Cyclopoida', 'direct', fid=99.0, kid=0.5, detector=detector),    # superseded below
+        _record('Cyclopoida', 'Cyclopoida', 'direct', fid=61.5, kid=0.02, detector=detector),
+        _record('Calanoida__Cyclopoida', 'Cyclopoida', 'lateral', 'Calanoida', fid=51.25, kid=0.015, detector=detector),
+        _record('Copepoda', 'Copepoda', 'direct', fid=30.0, kid=0.009, detector=detector),
+        _record('Copepoda__Calanoida', 'Calanoida', 'descending', 'Copepoda', fid=37.0, kid=0.0095, detector=detector),
+        _record('Copepoda__Cyclopoida', 'Cyclopoida', 'descending', 'Copepoda', fid=47.5, kid=0.012, detector=detector),
+    ]
+
+
+def _rows(markdown):
+    return {line.split(' | ')[0].strip('| '): [c.strip() for c in line.strip('|').split('|')]
+            for line in markdown.splitlines() if line.startswith('| ') and not line.startswith('| taxon')}
+
+
+def test_table2_layout_latest_records_and_paper_columns(tmp_path):
+    _write(tmp_path, _table2_records())
+    records = report.current_records(tmp_path)
+    assert len(records) == 6                                    # the older Cyclopoida direct line is replaced
+    md = report.hier_markdown(records)
+    header = next(line for line in md.splitlines() if line.startswith('| taxon'))
+    assert header == ('| taxon | images | direct | direct: paper (Inception) | lateral (from Calanoida) | '
+                      'lateral (from Calanoida): paper (Inception) | descending (from Copepoda) | '
+                      'descending (from Copepoda): paper (Inception) |')
+    rows = _rows(md)
+    # FID with 3 decimals, KID x 100; the paper's (Inception) values in their own columns.
+    assert rows['Calanoida'] == ['Calanoida', '9', '40.000 / 1.230', '39.341 / 1.204', '-', '-', '37.000 / 0.950', '36.529 / 0.931']
+    assert rows['Cyclopoida'] == ['Cyclopoida', '10', '61.500 / 2.000', '60.401 / 2.327', '51.250 / 1.500', '50.504 / 1.545',
+                                  '47.500 / 1.200', '47.017 / 1.215']
+    assert rows['Copepoda'][:3] == ['Copepoda', '8', '30.000 / 0.900'] and rows['Copepoda'][3] == '-'
+    assert list(rows) == ['Calanoida', 'Cyclopoida', 'Copepoda']      # no manifest: order of appearance
+    assert 'taxon classifier (taxon.pt)' in md and 'NOT comparable' in md
+    assert 'Evaluated 2026-01-02 on box' in md
+
+    csv_rows = list(csv.DictReader(report._csv_text(report.CSV_FIELDS, report.hier_csv_rows(records)).splitlines()))
+    lateral = next(r for r in csv_rows if r['method'] == 'lateral')
+    assert (lateral['taxon'], lateral['source'], float(lateral['fid']), float(lateral['kid_x100'])) == \
+        ('Cyclopoida', 'Calanoida', 51.25, 1.5)
+    assert (float(lateral['paper_fid_inception']), float(lateral['paper_kid_x100_inception'])) == (50.504, 1.545)
+    assert next(r for r in csv_rows if r['taxon'] == 'Copepoda')['paper_fid_inception'] == ''
+
+
+def test_inception_note_and_non_paper_sources(tmp_path):
+    records = _table2_records(detector='inception')
+    md = report.hier_markdown(records)
+    assert 'NOT comparable' not in md and 'fid50k_full' in md and 'detector: Inception' in md
+    # A lateral column from another donor is not the paper's: no paper column beside it.
+    other = [_record('Cyclopoida__Calanoida', 'Calanoida', 'lateral', 'Cyclopoida')]
+    t = report.hier_table(other)
+    assert t['paper_columns'] == set() and report.paper_reference(('lateral', 'Cyclopoida', None), 'Calanoida') is None
+    assert report.paper_reference(('descending', 'Copepoda', None), 'Harpacticoida') == (108.533, 1.503)
+
+
+def test_stale_records_are_left_out(tmp_path):
+    records = _table2_records()
+    _write(tmp_path, records)
+    hierarchy.write_json_atomic(tmp_path / 'Copepoda__Calanoida' / hierarchy.STAGE_FILE, dict(fingerprint='f-retrained'))
+    hierarchy.write_json_atomic(tmp_path / 'Copepoda' / hierarchy.STAGE_FILE, dict(fingerprint='f-Copepoda'))
+    stages = {r['stage'] for r in report.current_records(tmp_path)}
+    assert 'Copepoda__Calanoida' not in stages and 'Copepoda' in stages
+    with pytest.raises(report.ReportError, match='no such file'):
+        report.current_records(tmp_path / 'nothing')
+    (tmp_path / 'bad').mkdir()
+    (tmp_path / 'bad' / hierarchy.RESULTS_FILE).write_text('{"stage": "a", "taxon": "b"}\nnot json\n')
+    with pytest.raises(report.ReportError, match=r'results.jsonl:2: not valid JSON'):
+        report.current_records(tmp_path / 'bad')
+
+
+def test_table1_layout(tmp_path):
+    configs = {'dcgan': dict(model='dcgan'), 'stylegan2': dict(aug='noaug'), 'ada': {}, 'ada-lecam': dict(lecam_weight=0.0001)}
+    fids = {'dcgan': 200.0, 'stylegan2': 120.0, 'ada': 50.0, 'ada-lecam': 45.0}
+    for name, options in configs.items():
+        record = _record('Calanoida', 'Calanoida', 'direct', fid=fids[name], kid=fids[name] / 1e4, train_options=options)
+        _write(tmp_path / name, [record])
+    items = report.table1_records(tmp_path)
+    assert [name for name, _ in items] == ['DCGAN', 'StyleGAN2', 'StyleGAN2 + ADA', 'StyleGAN2 + ADA + LeCam']
+    rows = _rows(report.table1_markdown(items))
+    assert rows['DCGAN'] == ['DCGAN', '9', '1', '200.000', '2.000', '239.240']
+    assert rows['StyleGAN2 + ADA + LeCam'] == ['StyleGAN2 + ADA + LeCam', '9', '1', '45.000', '0.450', '39.341']
+    assert 'training time of these stages 4.0 min' in report.table1_markdown(items)   # four stages called Calanoida, 60 s each
+    csv_rows = list(csv.DictReader(report._csv_text(report.TABLE1_CSV_FIELDS, report.table1_csv_rows(items)).splitlines()))
+    assert [(r['configuration'], float(r['fid']), float(r['paper_fid50k_inception'])) for r in csv_rows] == [
+        ('DCGAN', 200.0, 239.24), ('StyleGAN2', 120.0, 137.426), ('StyleGAN2 + ADA', 50.0, 44.774),
+        ('StyleGAN2 + ADA + LeCam', 45.0, 39.341)]
+    assert report.table1_configuration(dict(aug='fixed', lecam_weight=1e-3)) == 'StyleGAN2 + fixed augmentation + LeCam'
+
+
+def test_nice_ticks_and_axes():
+    assert report.nice_ticks(0, 7.3) == [0, 2, 4, 6, 8]
+    assert report.nice_ticks(0.013, 0.021) == pytest.approx([0.012, 0.014, 0.016, 0.018, 0.02, 0.022])
+    assert report.nice_ticks(5, 5) == pytest.approx([4.5, 5, 5.5])                  # a flat series sits mid-range
+    axes = report.Axes((100, 50, 300, 250), (0, 10), (0, 4))
+    assert axes(0, 0) == (100, 250) and axes(10, 4) == (300, 50) and axes(5, 1) == (200, 200)
+
+
+def test_curves_match_metrics_to_ticks_and_draw_points(tmp_path):
+    stage = tmp_path / 'Copepoda'
+    stage.mkdir()
+    stats = [{'Progress/kimg': k, 'Progress/augment': p, 'timestamp': t}
+             for k, p, t in [(0.0, 0.0, 10), (0.5, 0.1, 20), (1.0, 0.2, 30)]]
+    (stage / 'stats.jsonl').write_text(''.join(json.dumps(s) + '\n' for s in stats))
+    # A snapshot metric is written just before its tick's stats line; the final evaluation after the last one.
+    metric = [{'results': {'fid1k_full': v}, 'timestamp': t} for v, t in [(80.0, 19), (60.0, 29), (55.0, 40)]]
+    (stage / 'metric-fid1k_full.jsonl').write_text(''.join(json.dumps(m) + '\n' for m in metric) + '{"cut')
+    curves = report.stage_curves(stage, 'fid1k_full')
+    assert curves == dict(augment=[(0.0, 0.0), (0.5, 0.1), (1.0, 0.2)], fid=[(0.5, 80.0), (1.0, 55.0), (1.0, 60.0)])
+    path = report.write_curves(tmp_path, [('Copepoda', str(stage), 'fid1k_full')])
+    assert Image.open(path).size == (900, 40 + 2 * 370 + 28)
+    image = Image.new('RGB', (400, 300), 'white')
+    color = (214, 39, 40)
+    axes = report.draw_panel(ImageDraw.Draw(image), (60, 30, 380, 260), [('s', color, curves['fid'])], 'FID', 'kimg', 'FID')
+    for x, y in curves['fid']:
+        px, py = axes(x, y)
+        assert image.getpixel((round(px), round(py))) == color
+
+
+def test_grids_show_real_then_generated_rows(tmp_path):
+    data = write_zip(tmp_path / 'Harpacticoida.zip', num_images=5, resolution=16)
+    torch.manual_seed(0)
+    G = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=16, img_channels=3, mapping_kwargs=dict(num_layers=2),
+                  synthesis_kwargs=dict(channel_base=64, channel_max=8))
+    save_network_pkl(tmp_path / 'net.pkl', dict(G=G, G_ema=G))
+    record = dict(taxon='Harpacticoida', pkl='net.pkl', data=data, num_images=5)
+    written = report.write_grids(tmp_path, {'Harpacticoida': [('direct', record), ('descending (from Copepoda)', record)]}, num=4)
+    assert [p.split('/')[-1] for p in written] == ['grid-Harpacticoida.png', 'overview.png']
+    grid = Image.open(written[0]).convert('RGB')
+    # 16 px images are shown at 64 px: 3 rows (real, two methods) of 4, 2 px gaps, a 24 px title band.
+    label_w = grid.size[0] - 4 * 66 - 2
+    assert grid.size[1] == 24 + 3 * 66 + 2 and label_w > 0
+    real = report.real_images(data, 4)
+    fake = report.generated_images(str(tmp_path / 'net.pkl'), data, 4)
+    for row, images in [(0, real), (1, fake), (2, fake)]:
+        for col in range(4):
+            x, y = label_w + 2 + col * 66, 24 + 2 + row * 66
+            expected = np.asarray(report._to_rgb_image(images[col], 64))
+            assert np.array_equal(np.asarray(grid.crop((x, y, x + 64, y + 64))), expected), (row, col)
+    # The generator draws z from seeds 0..3 as generate.py does.
+    z = torch.from_numpy(np.random.RandomState(2).randn(8)).float()[None]
+    with torch.no_grad():
+        img = (G(z, torch.zeros([1, 0]), noise_mode='const') * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    assert np.array_equal(fake[2], img[0].numpy())
