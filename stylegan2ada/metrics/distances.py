@@ -1,9 +1,6 @@
 """Distances between two sets of detector features: Frechet distance (FID) and kernel distance (KID)."""
 
-import warnings
-
 import numpy as np
-import scipy.linalg
 
 
 def _as_features(feats, what):
@@ -49,13 +46,34 @@ def frechet_distance_from_stats(
         raise ValueError(f'feature statistics do not match: means {list(mean_a.shape)} and {list(mean_b.shape)}, '
                          f'covariances {list(cov_a.shape)} and {list(cov_b.shape)}')
     diff = mean_a - mean_b
-    # The product of two PSD matrices has real non-negative eigenvalues, but sqrtm may return a complex
-    # result with tiny imaginary parts from rounding; the distance is the real part.
-    with warnings.catch_warnings():
-        # Covariances of fewer items than dimensions are singular; sqrtm warns but the trace is still right.
-        warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
-        root = scipy.linalg.sqrtm(cov_a @ cov_b)
-    return float(np.real(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root)))
+    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt_product(cov_a, cov_b))
+
+
+def trace_sqrt_product(
+    cov_a,      # [D, D] symmetric positive semi-definite
+    cov_b,      # [D, D] symmetric positive semi-definite
+):
+    """Tr sqrtm(S_a S_b), computed as sum(sqrt(eig(S_a^1/2 S_b S_a^1/2))).
+
+    S_a S_b is similar to the symmetric PSD matrix S_a^1/2 S_b S_a^1/2, so both have the same real non-negative
+    eigenvalues; the symmetric route stays finite for singular covariances (fewer items than dimensions), where
+    scipy.linalg.sqrtm of the product can return NaN (seen with scipy 1.17).
+    """
+    eigval, eigvec = np.linalg.eigh(cov_a)
+    root_a = (eigvec * np.sqrt(_drop_rounding_noise(eigval))) @ eigvec.T     # [D, D] S_a^1/2
+    inner = root_a @ cov_b @ root_a
+    inner = (inner + inner.T) / 2                                            # symmetric up to rounding
+    return float(np.sqrt(_drop_rounding_noise(np.linalg.eigvalsh(inner))).sum())
+
+
+def _drop_rounding_noise(eigval):
+    """Eigenvalues of a PSD matrix with those below the rounding level (D * eps * max) set to 0.
+
+    A zero eigenvalue comes out as +-1e-16 or so, and its square root (1e-8) would otherwise add up over the
+    null space of a singular covariance.
+    """
+    cutoff = len(eigval) * np.finfo(np.float64).eps * max(float(np.abs(eigval).max(initial=0)), 1e-300)
+    return np.where(eigval > cutoff, eigval, 0.0)
 
 
 def frechet_distance(
