@@ -12,6 +12,7 @@ from stylegan2ada.metrics import metric_main
 from stylegan2ada.metrics.detectors import DetectorError, train_taxon_classifier
 from stylegan2ada.metrics.metric_main import MetricError
 from stylegan2ada.metrics.taxa import TaxonError
+from stylegan2ada.pickles import NetworkPickleError, load_network_pkl
 import taxogan_ext.dcgan  # noqa: F401  registers the DCGAN baseline's classes for pickles
 
 USER_ERRORS = (DatasetError, DetectorError, MetricError, TaxonError)
@@ -36,10 +37,6 @@ def load_generator(network_pkl):
     """(G_ema or G, the pickle's training_set_kwargs or None); ClickException on a missing or bad pickle."""
     if not os.path.isfile(network_pkl):
         raise click.ClickException(f'{network_pkl}: no such network pickle')
-    try:
-        from stylegan2ada.pickles import NetworkPickleError, load_network_pkl  # written alongside; imported when needed
-    except ImportError as exc:
-        raise click.ClickException(f'cannot read network pickles: stylegan2ada.pickles is not available ({exc})') from None
     try:
         data = load_network_pkl(network_pkl)
     except NetworkPickleError as exc:

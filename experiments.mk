@@ -24,7 +24,7 @@ RANKS        ?= class,order
 BUILD_ARGS   ?=
 
 ifeq ($(SCALE),smoke)
-# Sized for a 2-core CPU (docs/parts/experiments.md has the measurements): tiny 32 px networks with a higher learning
+# Sized for a 2-core CPU (docs/experiments.md has the measurements): tiny 32 px networks with a higher learning
 # rate, a G_ema half-life (1 kimg) shorter than the fine-tuning stages, one thread (tiny layers gain nothing from a
 # second one and lose a lot when another process holds the other core), 500 generated images per metric.
 RES          ?= 32
@@ -41,7 +41,7 @@ RUN_ENV      ?= OMP_NUM_THREADS=1
 SUFFIX       :=
 else ifeq ($(SCALE),paper)
 # The paper's setting: 256 px, NVIDIA's --cfg auto (2-layer mapping), ADA, LeCam, FID/KID on 50k generated images with
-# Inception-v3 (downloaded once into the cache). kimg per stage: see docs/parts/experiments.md.
+# Inception-v3 (downloaded once into the cache). kimg per stage: see docs/experiments.md.
 RES          ?= 256
 DEMO_SCALE   ?= 1
 KIMG_PARENT  ?= 3000

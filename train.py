@@ -6,6 +6,7 @@ import re
 import signal
 
 import click
+from click.core import ParameterSource
 import torch
 
 from stylegan2ada import distributed
@@ -17,6 +18,7 @@ from stylegan2ada.util import write_json_atomic
 from stylegan2ada.training_loop import TrainingDivergedError, TrainingInterrupted, latest_snapshot, training_loop
 from taxogan_ext import dcgan  # registers the DCGAN classes for pickles
 from taxogan_ext.augment_allow import describe as describe_augment
+from taxogan_ext.augment_allow import parse_names as parse_aug_names
 from taxogan_ext.augment_allow import resolve_augment_kwargs
 from taxogan_ext.lecam import LECAM_HELP, LeCamRegularizer
 
@@ -49,7 +51,11 @@ def _fail(message):
     raise click.ClickException(message)
 
 
-def build_config(opts, training_set):
+def build_config(
+    opts,                   # train.py options
+    training_set,           # the ImageFolderDataset they name
+    fine_tuning     = None, # NVIDIA's fine-tuning settings (faster ADA, no EMA ramp-up); None = when starting from a pickle's weights
+):
     """All training settings as one plain, JSON-serialisable dict (written to training_options.json)."""
     res = training_set.resolution
     gpus = opts['gpus']
@@ -57,7 +63,9 @@ def build_config(opts, training_set):
     batch = opts['batch'] if opts['batch'] is not None else spec['mb']
     if batch % gpus != 0:
         _fail(f'--batch {batch} must be a multiple of --gpus {gpus}')
-    batch_gpu = opts['batch_gpu'] if opts['batch_gpu'] is not None else batch // gpus
+    # As NVIDIA: a preset's batch is split over its reference GPU count (gradient accumulation on fewer), --batch over --gpus.
+    batch_gpu = opts['batch_gpu'] if opts['batch_gpu'] is not None else (batch // gpus if opts['batch'] is not None else
+                                                                          min(batch // gpus, max(spec['mb'] // spec['ref_gpus'], 1)))
     if batch % (batch_gpu * gpus) != 0:
         _fail(f'--batch {batch} must be a multiple of --batch-gpu x --gpus = {batch_gpu * gpus}')
     # Default group: the largest divisor of the per-process batch not above the preset's.
@@ -70,6 +78,7 @@ def build_config(opts, training_set):
     fp32 = opts['fp32'] or device == 'cpu'
 
     c = dict(model=opts['model'], device=device, num_gpus=gpus, random_seed=opts['seed'])
+    c['options'] = {name: opts[name] for name in sorted(opts)}    # as given: a continued run starts from these
     c['training_set_kwargs'] = dict(path=opts['data'], use_labels=opts['cond'], max_size=opts['subset'], xflip=opts['mirror'],
                                     resolution=res, random_seed=opts['seed'])
     workers = opts['workers'] if opts['workers'] is not None else (3 if device == 'cuda' else 0)
@@ -90,6 +99,9 @@ def build_config(opts, training_set):
     c['allow_tf32'] = opts['allow_tf32']
 
     if opts['model'] == 'dcgan':
+        for name in ('lecam_weight', 'aug_allow', 'aug_deny', 'augpipe', 'freezed'):
+            if opts[name]:
+                _fail(f'--{name.replace("_", "-")} applies to StyleGAN2 only: the DCGAN baseline has no augmentation, LeCam or Freeze-D')
         defaults = dcgan.DCGAN_DEFAULTS
         c['G_class'] = f'{dcgan.DCGANGenerator.__module__}.{dcgan.DCGANGenerator.__qualname__}'
         c['D_class'] = f'{dcgan.DCGANDiscriminator.__module__}.{dcgan.DCGANDiscriminator.__qualname__}'
@@ -141,24 +153,31 @@ def build_config(opts, training_set):
                 augment_kwargs = resolve_augment_kwargs(augpipe, opts['aug_allow'], opts['aug_deny'])
             except ValueError as exc:
                 _fail(str(exc))
+            if opts['aug_deny']:
+                # A deny list names transforms to remove; one naming only absent ones would silently do nothing.
+                chosen = resolve_augment_kwargs(augpipe, opts['aug_allow'], None)
+                if not parse_aug_names(opts['aug_deny'], 'aug-deny') & set(chosen):
+                    _fail(f'--aug-deny {opts["aug_deny"]}: none of these is among the chosen transforms '
+                          f'({describe_augment(chosen)}); nothing to remove')
             c['augment_kwargs'] = augment_kwargs
             c['augment_names'] = [name for name, v in augment_kwargs.items() if v]
             if opts['aug'] == 'ada':
                 c['augment_p'] = opts['p'] if opts['p'] is not None else 0
                 c['ada_target'] = opts['target']
             else:
-                c['augment_p'] = opts['p'] if opts['p'] is not None else 0.2
+                if opts['p'] is None:
+                    _fail('--aug fixed needs --p (the fixed augmentation probability)')
+                c['augment_p'] = opts['p']
                 c['ada_target'] = None
         c['lecam_kwargs'] = dict(weight=opts['lecam_weight'], decay=opts['lecam_decay'], start_kimg=opts['lecam_start_kimg'])
 
     c['ada_kimg'] = 500
     c['resume_pkl'] = opts['resume']
     c['resume_mode'] = opts['resume_mode']
-    if opts['resume'] is not None and c['resume_mode'] != 'full':
+    c['fine_tuning'] = fine_tuning if fine_tuning is not None else (opts['resume'] is not None and c['resume_mode'] != 'full')
+    if c['fine_tuning']:
         c['ada_kimg'] = 100          # fine-tuning: let ADA react faster, as NVIDIA does
         c['ema_rampup'] = None       # and no EMA ramp-up: the network is already trained
-    if opts['freezed'] and opts['model'] == 'dcgan':
-        _fail('--freezed applies to the StyleGAN2 discriminator only')
     return c
 
 
@@ -216,7 +235,7 @@ def subprocess_fn(rank, init_file, config, run_dir, progress_callback=None):
             'image_snapshot_ticks', 'network_snapshot_ticks', 'resume_pkl', 'resume_mode', 'cudnn_benchmark', 'allow_tf32']
     try:
         return training_loop(run_dir=run_dir, rank=rank, device=device, extra_d_terms=extra_d_terms,
-                             progress_callback=progress_callback, **{k: config[k] for k in keys})
+                             progress_callback=progress_callback, training_options=config, **{k: config[k] for k in keys})
     finally:
         distributed.destroy_process_group()
 
@@ -268,7 +287,7 @@ def launch_training(config, run_dir, progress_callback=None):
 @click.option('--mbstd-group',  help='Minibatch std group size [default: from --cfg]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--freezed',      help='Freeze-D: freeze the first N layers of D (from the highest resolution)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--lecam-weight', help='LeCam regularization weight (0 = off). ' + LECAM_HELP, metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--lecam-decay',  help='Decay of the LeCam EMAs of the real and fake logits', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.99, show_default=True)
+@click.option('--lecam-decay',  help='Decay of the LeCam EMAs of the real and fake logits', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True), default=0.99, show_default=True)
 @click.option('--lecam-start-kimg', help='Apply LeCam from this kimg on', metavar='KIMG', type=click.FloatRange(min=0), default=0, show_default=True)
 # Augmentation.
 @click.option('--aug',          help='Augmentation mode', type=click.Choice(['ada', 'noaug', 'fixed']), default='ada', show_default=True)
@@ -304,14 +323,17 @@ def main(**kwargs):
     # Continue a killed run:
     python train.py --run-dir runs/00003-Calanoida-auto-... --data datasets/Calanoida.zip
     """
-    final = run_training(dict(kwargs))
+    ctx = click.get_current_context()
+    given = {name for name in kwargs if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    final = run_training(dict(kwargs), given=given)
     if final is not None:
         click.echo(f'Final snapshot: {final}')
 
 
 def default_options(**overrides):
-    """train.py's options with their defaults (as main() receives them), updated with overrides."""
-    opts = {param.name: param.default for param in main.params}
+    """train.py's options as main() receives them when none is given (flags False, unset values None), updated with overrides."""
+    opts = dict(main.make_context('train.py', ['--data', ''], resilient_parsing=True).params)
+    opts['data'] = None
     unknown = sorted(set(overrides) - set(opts))
     if unknown:
         raise click.ClickException(f'unknown train.py option(s): {", ".join(unknown)}')
@@ -319,15 +341,42 @@ def default_options(**overrides):
     return opts
 
 
+# Options that may change when a run is continued: its length, where things are, what is reported, how fast it runs.
+# Every other one comes from the snapshot, and giving it with another value is an error.
+CONTINUE_MAY_CHANGE = ('outdir', 'run_dir', 'data', 'resume', 'resume_mode', 'dry_run', 'kimg', 'snap', 'tick', 'metrics',
+                       'detector', 'device', 'workers', 'nobench', 'allow_tf32')
+
+
+def continued_options(
+    opts,           # train.py options of this command
+    saved,          # train.py options the snapshot's run was started with
+    given,          # names of the options given on this command line
+    source,         # the snapshot (for messages)
+):
+    """The options of a continued run: the saved ones, except what may change (CONTINUE_MAY_CHANGE) and was given."""
+    merged = dict(opts)
+    for name, value in saved.items():
+        if name not in merged or name in CONTINUE_MAY_CHANGE:
+            continue
+        if name in given and merged[name] != value:
+            flag = '--' + name.replace('_', '-')
+            _fail(f'{source}: this run was trained with {flag} {value}, not {merged[name]}; continuing it keeps its '
+                  f'settings (start a new run with --resume-mode weights to fine-tune with other ones)')
+        merged[name] = value
+    return merged
+
+
 def run_training(
     opts,                       # dict of train.py options (see default_options)
     progress_callback = None,   # f(cur_nimg, total_nimg) each tick (single process only); None = nothing
+    given           = None,     # names of the options given explicitly; None = those that differ from the defaults
 ):
     """Validate the options, write the run folder and train; returns the final snapshot (None for --dry-run)."""
     opts = dict(opts)
     if (opts['outdir'] is None) == (opts['run_dir'] is None):
         _fail('give exactly one of --outdir (new numbered run folder) or --run-dir (exact folder)')
 
+    fine_tuning = None
     # Resume source: a run folder means its newest snapshot.
     if opts['resume'] is not None:
         if os.path.isdir(opts['resume']):
@@ -346,9 +395,20 @@ def run_training(
             resume_data = load_network_pkl(opts['resume'])
         except NetworkPickleError as exc:
             _fail(str(exc))
-        if opts['resume_mode'] == 'full' and resume_data.get('progress') is None:
+        progress = resume_data.get('progress')
+        if opts['resume_mode'] == 'full' and progress is None:
             _fail(f'{opts["resume"]}: --resume-mode full needs one of our snapshots (this pickle has no training progress)')
-        del resume_data
+        if opts['resume_mode'] == 'auto':
+            # Decided here, not in the loop, so that a continued run keeps its settings (no fine-tuning overrides).
+            opts['resume_mode'] = 'full' if progress is not None else 'weights'
+        saved = (progress or {}).get('training_options') or {}
+        if opts['resume_mode'] == 'full' and 'options' in saved:
+            if given is None:
+                defaults = default_options()
+                given = {name for name, value in opts.items() if value != defaults.get(name)}
+            opts = continued_options(opts, saved['options'], given, opts['resume'])
+            fine_tuning = saved.get('fine_tuning')
+        del resume_data, progress
 
     # Dataset: checked once here so bad data fails in one line before anything starts.
     try:
@@ -358,7 +418,7 @@ def run_training(
     if opts['cond'] and not training_set.has_labels:
         _fail(f'{opts["data"]}: --cond needs labels in dataset.json')
 
-    config = build_config(opts, training_set)
+    config = build_config(opts, training_set, fine_tuning)
     dataset_name = training_set.name
     run_dir = opts['run_dir'] or next_run_dir(opts['outdir'], run_description(opts, config, dataset_name))
     config['run_dir'] = run_dir

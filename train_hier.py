@@ -36,19 +36,13 @@ def train_options_decorator(fn):
     return fn
 
 
-def train_defaults():
-    """train.py's options as its main() receives them when none is given (flags False, optional values None)."""
-    ctx = train.main.make_context('train.py', ['--data', ''], resilient_parsing=True)
-    return dict(ctx.params)
-
-
 def stage_train_opts(
     stage,              # hierarchy.Stage
     run_dir,            # the stage folder
     start_pkl,          # pickle the stage starts from; None = scratch
 ):
     """train.py options of one stage (as train.main receives them)."""
-    opts = train_defaults()
+    opts = train.default_options()
     opts.update(stage.train_options)
     opts.update(data=stage.data, run_dir=run_dir, kimg=stage.kimg, cond=stage.cond, resume=start_pkl,
                 resume_mode='weights' if start_pkl else 'auto')
@@ -144,7 +138,7 @@ def main(**kwargs):
     """
     opts = dict(kwargs)
     names = [p.name for p in passthrough_params()]
-    defaults = train_defaults()
+    defaults = train.default_options()
     train_opts = {name: opts[name] for name in names if opts[name] != defaults[name]}
     if opts['snap_metrics'] not in (None, '', 'none'):
         train_opts['metrics'] = opts['snap_metrics']

@@ -9,14 +9,11 @@ long-run rate. The last line printed is `images/s <number>` (median over --repea
 Example: python bench/train_step.py --res 64 --iters 16 --repeats 3 --impl auto
 """
 
-import contextlib
 import copy
-import importlib
 import os
 import statistics
 import sys
 import time
-from unittest import mock
 
 import click
 import numpy as np
@@ -26,18 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 from stylegan2ada.augment import PRESETS, AugmentPipe  # noqa: E402
 from stylegan2ada.loss import StyleGAN2Loss  # noqa: E402
 from stylegan2ada.networks import Discriminator, Generator  # noqa: E402
-
-# The op modules (the package re-exports functions of the same names, so import them by path).
-OP_MODULES = [importlib.import_module(f'stylegan2ada.ops.{name}') for name in ('upfirdn2d', 'bias_act', 'conv2d_resample', 'modulated_conv2d')]
-
-
-def reference_ops():
-    """Context in which every op's fast path dispatches to its reference path (for --impl ref)."""
-    stack = contextlib.ExitStack()
-    for module in OP_MODULES:
-        stack.enter_context(mock.patch.dict(module._IMPLS, fast=module._IMPLS['ref']))
-    return stack
-
+from stylegan2ada.ops import default_impl  # noqa: E402
 
 def build_training_state(c, device):
     """Networks, loss, augment pipe and per-phase optimizers as training_loop.py builds them."""
@@ -145,7 +131,7 @@ def main(**kwargs):
     np.random.seed(c['seed'])
     print(f'res={c["res"]} batch={c["batch"]} iters={c["iters"]} repeats={c["repeats"]} cbase={c["cbase"]} cmax={c["cmax"]} '
           f'impl={c["impl"]} device={device} threads={torch.get_num_threads()} torch={torch.__version__}', flush=True)
-    with (reference_ops() if c['impl'] == 'ref' else contextlib.nullcontext()):
+    with default_impl('ref' if c['impl'] == 'ref' else None):
         results = run_benchmark(c)
     for i, (rate, cpu) in enumerate(results):
         print(f'repeat {i}: {rate:.3f} images/s, {cpu:.3f} CPU s/iteration')

@@ -41,6 +41,25 @@ def destroy_process_group():
         torch.distributed.destroy_process_group()
 
 
+def collective_device():
+    """Where tensors must be for collectives: the current CUDA device under nccl, else the CPU."""
+    if torch.distributed.get_backend() == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def all_reduce_sum_(tensor):
+    """Sum `tensor` over the processes in place, wherever it lives (nccl reduces CUDA tensors only)."""
+    device = collective_device()
+    if tensor.device == device:
+        torch.distributed.all_reduce(tensor)
+    else:
+        moved = tensor.to(device)
+        torch.distributed.all_reduce(moved)
+        tensor.copy_(moved)
+    return tensor
+
+
 def spawn(fn, num_processes, args=()):
     """Run fn(rank, init_file, *args) in num_processes processes (or inline for one)."""
     if num_processes <= 1:

@@ -76,6 +76,10 @@ def _allowed_globals():
     """(module, name) -> object: everything a network pickle may reference."""
     allowed = {
         ('collections', 'OrderedDict'): collections.OrderedDict,
+        # Protocols below 4 (NVIDIA's training loop pickles with Python 3.7's default, 3) have no set opcode:
+        # each module's _non_persistent_buffers_set arrives as a call of builtins.set.
+        ('builtins', 'set'): set,
+        ('builtins', 'frozenset'): frozenset,
         ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
         ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
         ('torch._utils', '_rebuild_parameter_with_state'): torch._utils._rebuild_parameter_with_state,
@@ -194,12 +198,7 @@ def _stub_to_module(stub, path):
     except TypeError as exc:
         raise NetworkPickleError(f'{path}: cannot build {stub.class_name} from its stored kwargs: {exc}') from None
     tensors = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in _flatten_stub(stub, '', {}).items()}
-    if stub.class_name == 'AugmentPipe':
-        # Our AugmentPipe derives its filter buffers from constants; only the probability is state.
-        if 'p' in tensors:
-            module.p.copy_(tensors['p'].to(module.p.dtype))
-    else:
-        _load_state_strict(module, tensors, path, stub.class_name)
+    _load_state_strict(module, tensors, path, stub.class_name)     # AugmentPipe too: p, Hz_geom, Hz_fbank
     return module.eval().requires_grad_(False)
 
 

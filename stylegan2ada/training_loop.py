@@ -22,6 +22,7 @@ from . import pickles
 from .augment import TRANSFORMS as AUGMENT_TRANSFORMS
 from .augment import AugmentPipe
 from .dataset import ImageFolderDataset, InfiniteSampler
+from .distributed import all_reduce_sum_, collective_device
 from .image_utils import grid_size_for, save_image_grid, to_uint8
 from .loss import StyleGAN2Loss
 from .training_stats import StatsCollector
@@ -111,6 +112,13 @@ def _numpy_rng_tuple(state):
     return (state['name'], state['key'].numpy().astype(np.uint32), state['pos'], state['has_gauss'], state['cached'])
 
 
+def _any_process(flag, num_gpus):
+    """True when `flag` is true on any process (an all-reduce with several)."""
+    if num_gpus <= 1:
+        return bool(flag)
+    return bool(all_reduce_sum_(torch.tensor([1.0 if flag else 0.0])).item() > 0)
+
+
 def _replicas_in_sync(modules, num_gpus):
     """True when every process holds bit-identical parameters and buffers (w_avg excepted)."""
     # w_avg tracks each process's own batches, as in NVIDIA's code; rank 0's copy is the one saved.
@@ -118,6 +126,7 @@ def _replicas_in_sync(modules, num_gpus):
                if t.numel() > 0 and not name.endswith('w_avg')]
     flat = torch.cat([t.detach().flatten().to(torch.float64).cpu() for t in tensors])
     digest = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64).sin()).sum()])
+    digest = digest.to(collective_device())
     gathered = [torch.zeros_like(digest) for _ in range(num_gpus)]
     torch.distributed.all_gather(gathered, digest)
     return all(torch.equal(g, gathered[0]) for g in gathered)
@@ -203,6 +212,7 @@ def training_loop(
     allow_tf32              = False,        # TF32 matmul/conv on Ampere+
     device                  = 'cpu',        # torch device
     progress_callback       = None,         # called as f(cur_nimg, total_nimg) each tick; None = nothing
+    training_options        = None,         # plain dict saved in every snapshot (the run's settings); None = none
 ):
     """Train a GAN and write snapshots into run_dir; returns the path of the final snapshot."""
     start_time = time.time()
@@ -331,6 +341,7 @@ def training_loop(
                 loss=loss.state_dict(),
                 rng={rank: dict(torch=torch.get_rng_state(), label=_numpy_rng_state(label_rnd))},
                 G_class=G_class, D_class=D_class,
+                training_options=training_options,
             ),
         )
 
@@ -373,19 +384,24 @@ def training_loop(
                     continue
                 phase['module'].requires_grad_(True)
                 phase['opt'].zero_grad(set_to_none=True)
-                loss.last_losses.clear()
+                non_finite = None
                 for real_img, real_c, gen_z, gen_c in zip(phase_real_img, phase_real_c, phase_gen_z, phase_gen_c):
-                    # The gain keeps lazy regularization's long-term strength; 1/rounds averages the rounds.
+                    # The gain keeps lazy regularization's long-term strength. 1/rounds averages the rounds, so that
+                    # --batch-gpu (gradient accumulation) changes memory use, not the gradient (NVIDIA sums them).
+                    loss.last_losses.clear()
                     loss.accumulate_gradients(phase=phase['name'], real_img=real_img, real_c=real_c, gen_z=gen_z, gen_c=gen_c,
                                               gain=phase['interval'] / rounds, cur_nimg=cur_nimg)
+                    non_finite = non_finite or next((name for name, value in loss.last_losses.items()
+                                                     if not torch.isfinite(value).all()), None)
+                    if 'Loss/signs/real' in loss.last_losses:
+                        signs = loss.last_losses['Loss/signs/real'].to('cpu', torch.float64)
+                        ada_signs += torch.stack([signs.sum(), torch.tensor(float(signs.numel()), dtype=torch.float64)])
                 phase['module'].requires_grad_(False)
-                for name, value in loss.last_losses.items():
-                    if not torch.isfinite(value).all():
-                        raise TrainingDivergedError(f'non-finite {name} in phase {phase["name"]} at tick {cur_tick} '
-                                                    f'(kimg {cur_nimg / 1000:.3f}); lower the learning rate or gamma, or check the data')
-                if 'Loss/signs/real' in loss.last_losses:
-                    signs = loss.last_losses['Loss/signs/real'].to('cpu', torch.float64)
-                    ada_signs += torch.stack([signs.sum(), torch.tensor(float(signs.numel()), dtype=torch.float64)])
+                if _any_process(non_finite is not None, num_gpus):
+                    # Every process stops together: one raising alone would leave the others waiting in all-reduce.
+                    raise TrainingDivergedError(f'non-finite {non_finite or "loss on another process"} in phase {phase["name"]} '
+                                                f'at tick {cur_tick} (kimg {cur_nimg / 1000:.3f}); lower the learning rate '
+                                                f'or gamma, or check the data')
                 _all_reduce_grads(phase['module'].parameters(), num_gpus)
                 phase['opt'].step()
 
@@ -407,7 +423,7 @@ def training_loop(
             if ada_target is not None and augment_pipe is not None and batch_idx % ada_interval == 0:
                 signs = ada_signs.clone()
                 if num_gpus > 1:
-                    torch.distributed.all_reduce(signs)
+                    all_reduce_sum_(signs)
                 if signs[1] > 0:
                     r_t = float(signs[0] / signs[1])
                     adjust = np.sign(r_t - ada_target) * (batch_size * ada_interval) / (ada_kimg * 1000)

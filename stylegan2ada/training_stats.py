@@ -5,6 +5,8 @@ import collections
 import numpy as np
 import torch
 
+from .distributed import all_reduce_sum_
+
 
 class StatsCollector:
     """Accumulates count, sum and sum of squares per name; reduced across processes on demand."""
@@ -38,7 +40,7 @@ class StatsCollector:
             for i, n in enumerate(union):
                 if n in self._moments:
                     table[i] = self._moments[n]
-            torch.distributed.all_reduce(table)
+            all_reduce_sum_(table)
             names, stacked = union, table
         self._moments.clear()
         result = {}

@@ -287,6 +287,8 @@ def read_exclusions(path: Path) -> list[str]:
         text = path.read_text(encoding='utf-8-sig')
     except OSError as e:
         raise CollectionError(f'{path}: cannot read exclusion list: {e.strerror or e}') from None
+    except UnicodeDecodeError as e:
+        raise CollectionError(f'{path}: exclusion list is not UTF-8 text (byte {e.start}); save it as UTF-8') from None
     entries = []
     for line in text.splitlines():
         line = line.split('#', 1)[0].strip() if not _is_url(line.strip()) else line.strip()
@@ -358,7 +360,10 @@ def download_all(
     threads:    int,                    # concurrent downloads
 ) -> dict[str, tuple[str | None, str]]:
     """url -> (local path, '') or (None, why it failed), for every url; failures are not fatal."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CollectionError(f'{cache_dir}: cannot create the download cache: {e.strerror or e}') from None
     local = threading.local()   # requests sessions are not thread-safe: one per thread
     def fetch(url):
         if not hasattr(local, 'session'):
@@ -667,6 +672,8 @@ def build_datasets(
     """Build DEST/<Taxon>.zip for every taxon at `ranks` and DEST/manifest.json; returns the manifest."""
     source_path, dest_path = Path(source), Path(dest)
     ranks = _parse_list(ranks)
+    if not ranks:
+        raise CollectionError('--ranks is empty: name the ranks to build datasets for, e.g. class,order')
     rank_cols = _parse_list(rank_cols) or list(DEFAULT_RANK_COLS)
     tree_ranks = _parse_list(tree_ranks) or list(ranks)
     if resolution < 4 or resolution & (resolution - 1):
@@ -695,6 +702,11 @@ def build_datasets(
     if not records:
         raise CollectionError(f'{source_path}: no images found')
     records = [record for _key, record in sorted(((r.source, i), r) for i, r in enumerate(records))]
+    named = {rank for record in records for rank, _name in record.lineage}
+    if any(rank not in named for rank in ranks):
+        # Deeper than the source goes (a tree two folders deep asked for family): no dataset could have that rank.
+        raise CollectionError(f'{source_path}: no image is identified to rank {[r for r in ranks if r not in named][0]!r} '
+                              f'(ranks with names here: {", ".join(r for r in available if r in named) or "none"})')
     exclusions = read_exclusions(Path(exclude)) if exclude else []
 
     dropped = []

@@ -438,6 +438,17 @@ def test_bad_input(tmp_path):
         Image.fromarray(_pattern(1, 80, 72, False)).save(tmp_path / 'homonyms' / parent / 'Incertae' / 'a.png')
     line = _one_line_error(['build', '--source', str(tmp_path / 'homonyms'), '--dest', dest])
     assert "taxon 'Incertae' appears both" in line
+    line = _one_line_error(['build', '--source', str(src), '--dest', dest, '--ranks', ','])
+    assert '--ranks is empty' in line
+    line = _one_line_error(['build', '--source', str(src), '--dest', dest, '--ranks', 'class,order,family'])
+    assert "no image is identified to rank 'family'" in line and 'class, order' in line
+    (tmp_path / 'latin1.txt').write_bytes('caf\xe9\n'.encode('latin-1'))
+    line = _one_line_error(['build', '--source', str(src), '--dest', dest, '--exclude', str(tmp_path / 'latin1.txt')])
+    assert 'latin1.txt' in line and 'not UTF-8' in line
+    (tmp_path / 'urls.tsv').write_text('processid\timage_url\tclass_name\torder_name\nP1\thttp://127.0.0.1:9/a.jpg\tCopepoda\tCalanoida\n')
+    line = _one_line_error(['build', '--source', str(tmp_path / 'urls.tsv'), '--dest', dest, '--rank-cols', 'class_name,order_name',
+                            '--cache', str(tmp_path / 'a_file' / 'cache')])
+    assert 'cannot create the download cache' in line and 'a_file' in line
 
 def test_dry_run_writes_nothing(tmp_path):
     src = tmp_path / 'photos'

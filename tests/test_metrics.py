@@ -19,6 +19,8 @@ from stylegan2ada.metrics import (MetricError, calc_metric, calc_taxon_accuracy_
 from stylegan2ada.metrics import detectors as det_mod
 from stylegan2ada.metrics.detectors import Detector, DetectorError, resolve_detector
 from stylegan2ada.metrics.metric_main import select_detector
+from stylegan2ada.networks import Generator
+from stylegan2ada.pickles import load_network_pkl, save_network_pkl
 
 # The tests save their tiny detectors as TorchScript, which torch now marks deprecated.
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit:DeprecationWarning', 'ignore::scipy.linalg.LinAlgWarning')
@@ -328,6 +330,8 @@ def test_full_metrics_ignore_mirroring_and_subsets(tmp_path, tiny_detector):
     assert mirrored['num_real'] == 8 and mirrored['results'] == plain['results']
     partial = calc_metric('fid16', G, dict(path=data, xflip=True), **common)
     assert partial['num_real'] == 16                                      # x-flip as configured: 8 images, twice
+    subset = calc_metric('fid16', G, dict(path=data, xflip=True, max_size=3), **common)
+    assert subset['num_real'] == 16 and subset['results'] == partial['results']   # the training subset is not used
 
 
 def test_report_metric_appends_json_lines(tmp_path, tiny_detector):
@@ -538,17 +542,7 @@ def test_fid_with_taxon_detector_gets_the_suffix(taxon_setup, tmp_path):
 # ----------------------------------------------------------------------------
 # calc_metrics.py with real network pickles.
 
-def _pickles():
-    try:
-        from stylegan2ada.networks import Generator
-        from stylegan2ada.pickles import save_network_pkl
-    except ImportError as exc:
-        pytest.skip(f'network pickles not available yet (stylegan2ada.pickles / networks: {exc})')
-    return Generator, save_network_pkl
-
-
 def _tiny_pickle(path, dataset_kwargs, c_dim=0):
-    Generator, save_network_pkl = _pickles()
     torch.manual_seed(0)
     G = Generator(z_dim=8, c_dim=c_dim, w_dim=8, img_resolution=16, img_channels=3, mapping_kwargs=dict(num_layers=2),
                   synthesis_kwargs=dict(channel_base=64, channel_max=16))
@@ -635,3 +629,20 @@ def test_calc_metrics_cli_taxon_end_to_end_offline(tmp_path, monkeypatch):
     assert acc['per_taxon'].keys() == {'Beta'} and acc['num_gen'] == 20
     out = CliRunner().invoke(calc_metrics.main, ['eval-detector', '--detector', str(tmp_path / 't.pt'), '--device', 'cpu'])
     assert out.exit_code == 0 and f'recorded held-out accuracy: {meta["heldout_accuracy"]:.4f}' in out.output
+
+
+def test_training_loop_evaluates_each_snapshot(tmp_path, tiny_detector):
+    # The training hook (train.py --metrics) gives the same number as calc_metric on the snapshot it names.
+    from stylegan2ada.training_loop import training_loop
+    from training_helpers import tiny_loop_kwargs, write_zip
+    data = write_zip(tmp_path / 'd.zip', num_images=8)
+    run_dir = tmp_path / 'run'
+    training_loop(**tiny_loop_kwargs(data, run_dir, metrics=['fid8_full', 'kid8_full'], detector=tiny_detector))
+    lines = [json.loads(line) for line in open(run_dir / 'metric-fid8_full.jsonl', encoding='utf-8')]
+    assert [line['snapshot_pkl'] for line in lines] == ['network-snapshot-000000.pkl'] * 3    # one per snapshot tick
+    assert (run_dir / 'metric-kid8_full.jsonl').read_text().count('\n') == 3
+    G = load_network_pkl(run_dir / 'network-snapshot-000000.pkl')['G_ema']
+    again = calc_metric('fid8_full', G, dict(path=data), detector=tiny_detector, device='cpu', progress=False,
+                        cache_dir=str(tmp_path / 'c'))
+    assert np.isfinite(lines[-1]['results']['fid8_full'])
+    assert again['results']['fid8_full'] == pytest.approx(lines[-1]['results']['fid8_full'], rel=1e-6)

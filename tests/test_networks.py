@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from stylegan2ada.networks import Discriminator, Generator
+from stylegan2ada.ops import default_impl
 from conftest import load_golden_case, rel_error
 
 TOL = 1e-4
@@ -55,10 +56,13 @@ def test_state_dict_names_match_nvidia(golden_spec, case):
     assert set(Discriminator(**copy.deepcopy(spec['D_kwargs'])).state_dict()) == set(d_state)
 
 
+@pytest.mark.parametrize('impl', ['fast', 'ref'])
 @pytest.mark.parametrize('case', CASES)
-def test_golden_outputs(golden_spec, case):
+def test_golden_outputs(golden_spec, case, impl):
+    # The networks call every op with impl=None: 'fast' is their default, default_impl('ref') the reference path.
     G, D, io = build_golden_networks(golden_spec, case)
-    errors = golden_errors(G, D, io)
+    with default_impl(impl):
+        errors = golden_errors(G, D, io)
     bad = {k: v for k, v in errors.items() if not v < TOL}
     assert not bad, f'outputs differ from NVIDIA reference: {bad}'
 

@@ -277,14 +277,6 @@ def test_choose_impl():
             fn()
 
 
-def reference_only():
-    """Every op's 'fast' entry dispatches to its reference path (what the engine did before the fast paths)."""
-    stack = contextlib.ExitStack()
-    for module in OP_MODULES:
-        stack.enter_context(mock.patch.dict(module._IMPLS, fast=module._IMPLS['ref']))
-    return stack
-
-
 def tiny_networks():
     torch.manual_seed(21)
     G = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=16, img_channels=3, mapping_kwargs=dict(num_layers=2),
@@ -326,7 +318,7 @@ def test_training_phase_gradients_fast_equal_ref(phase):
         z = torch.randn(4, 8, generator=gen)
         c = torch.zeros(4, 0)
         torch.manual_seed(23)                                           # same noise inputs for both paths
-        with (reference_only() if impl == 'ref' else contextlib.nullcontext()):
+        with ops.default_impl(impl):
             loss.accumulate_gradients(phase=phase, real_img=real, real_c=c, gen_z=z, gen_c=c, gain=1)
         grads[impl] = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
     assert grads['ref'].keys() == grads['fast'].keys() and grads['ref']
@@ -334,3 +326,21 @@ def test_training_phase_gradients_fast_equal_ref(phase):
     scale = max(float(g.abs().max()) for g in grads['ref'].values())
     for name in grads['ref']:
         assert float((grads['fast'][name] - grads['ref'][name]).abs().max()) < 1e-5 * scale, name
+
+
+def test_default_impl_scope_switches_and_resets():
+    from stylegan2ada.ops.impl import choose_impl, default_impl
+    assert choose_impl('upfirdn2d', None) == 'fast'
+    with pytest.raises(RuntimeError):
+        with default_impl('ref'):
+            assert choose_impl('upfirdn2d', None) == 'ref'
+            assert choose_impl('upfirdn2d', 'fast') == 'fast'          # an explicit impl= wins
+            with default_impl(None):
+                assert choose_impl('upfirdn2d', None) == 'fast'
+            raise RuntimeError('leave the block by an exception')
+    assert choose_impl('upfirdn2d', None) == 'fast'                    # reset, even after the exception
+    with default_impl('fast'):
+        assert choose_impl('bias_act', None, fast_ok=False) == 'ref'   # falls back where the fast path does not apply
+    with pytest.raises(ValueError, match='unknown ops impl'):
+        with default_impl('cuda'):
+            pass

@@ -72,18 +72,27 @@ def _as_nvidia(module, init_kwargs=None):
     return _Persistent(type(module).__name__, state)
 
 
-def _write_nvidia_pickle(path, G, D, G_ema, spec):
+BGC = dict(xflip=1, rotate90=1, xint=1, scale=1, rotate=1, aniso=1, xfrac=1, brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1)
+
+
+def _write_nvidia_pickle(path, G, D, G_ema, spec, protocol=pickle.DEFAULT_PROTOCOL, augment_pipe=None):
     data = dict(G=_as_nvidia(G, spec['G_kwargs']), D=_as_nvidia(D, spec['D_kwargs']), G_ema=_as_nvidia(G_ema, spec['G_kwargs']),
-                augment_pipe=None, training_set_kwargs=_EasyDict(path='calanoida.zip', use_labels=False, xflip=False))
+                augment_pipe=augment_pipe, training_set_kwargs=_EasyDict(path='calanoida.zip', use_labels=False, xflip=False))
     with open(path, 'wb') as f:
-        pickle.dump(data, f)
+        pickle.dump(data, f, protocol=protocol)
 
 
+# NVIDIA's training loop pickles with Python 3.7's default protocol (3), which writes sets as builtins.set calls.
+@pytest.mark.parametrize('protocol', [3, pickle.DEFAULT_PROTOCOL])
 @pytest.mark.parametrize('case', ['g32_uncond', 'g32_cond4'])
-def test_nvidia_pickle_loads_without_running_code_and_reproduces_golden(tmp_path, golden_spec, nvidia_modules, monkeypatch, case):
+def test_nvidia_pickle_loads_without_running_code_and_reproduces_golden(tmp_path, golden_spec, nvidia_modules, monkeypatch, case, protocol):
+    from stylegan2ada.augment import AugmentPipe
     G, D, io_ = build_golden_networks(golden_spec, case)
+    pipe = AugmentPipe(**BGC)
+    pipe.p.fill_(0.37)
     path = tmp_path / 'nvidia.pkl'
-    _write_nvidia_pickle(path, G.requires_grad_(False), D.requires_grad_(False), G, golden_spec['cases'][case])
+    _write_nvidia_pickle(path, G.requires_grad_(False), D.requires_grad_(False), G, golden_spec['cases'][case], protocol,
+                         augment_pipe=_as_nvidia(pipe, BGC))
     # Make sure nothing on sys.modules could satisfy the globals: our loader must not import them.
     for name in ['torch_utils', 'torch_utils.persistence', 'dnnlib', 'dnnlib.util']:
         monkeypatch.delitem(sys.modules, name)
@@ -93,6 +102,21 @@ def test_nvidia_pickle_loads_without_running_code_and_reproduces_golden(tmp_path
     assert type(data['training_set_kwargs']) is dict
     errors = golden_errors(data['G_ema'], data['D'].requires_grad_(True), io_)
     assert max(errors.values()) < TOL, errors
+    loaded_pipe = data['augment_pipe']
+    assert isinstance(loaded_pipe, AugmentPipe) and float(loaded_pipe.p) == pytest.approx(0.37)
+    assert loaded_pipe.xflip == 1 and loaded_pipe.hue == 1 and loaded_pipe.noise == 0
+    assert torch.equal(loaded_pipe.Hz_fbank, pipe.Hz_fbank)
+
+
+def test_nvidia_augment_pipe_with_unknown_tensor_fails_loudly(tmp_path, golden_spec, nvidia_modules):
+    from stylegan2ada.augment import AugmentPipe
+    G, D, _ = build_golden_networks(golden_spec, 'g32_uncond')
+    stub = _as_nvidia(AugmentPipe(**BGC), BGC)
+    stub.meta['state']['_buffers']['Hz_extra'] = torch.zeros(3)
+    path = tmp_path / 'pipe.pkl'
+    _write_nvidia_pickle(path, G, D, G, golden_spec['cases']['g32_uncond'], augment_pipe=stub)
+    with pytest.raises(NetworkPickleError, match=r'pipe\.pkl.*AugmentPipe.*unexpected.*Hz_extra'):
+        load_network_pkl(path)
 
 
 def test_nvidia_pickle_with_missing_tensor_fails_loudly(tmp_path, golden_spec, nvidia_modules):

@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 import train
+from stylegan2ada.pickles import load_network_pkl
 from training_helpers import write_zip
 
 TINY = ['--zdim', '8', '--cbase', '64', '--cmax', '8', '--map', '2', '--gamma', '0.01', '--batch', '4', '--device', 'cpu']
@@ -85,3 +86,61 @@ def test_dcgan_model_trains_and_generates(tmp_path):
                                                 '--seeds', '0-3', '--outdir', str(out), '--device', 'cpu'])
     assert result.exit_code == 0, result.output
     assert len(list(out.glob('seed*.png'))) == 4
+
+
+def test_continued_run_keeps_its_settings(tmp_path):
+    # A killed LeCam run continued with only the run folder and the data (as the interrupt message says) must
+    # keep LeCam, the whitelist and its ADA settings, and continue the LeCam EMAs.
+    data = write_zip(tmp_path / 'd.zip')
+    first = tmp_path / 'first'
+    start = ['--data', data, '--snap', '1', '--tick', '0.004', '--mbstd-group', '2', *TINY]
+    result = _run(['--run-dir', str(first), '--kimg', '0.008', '--lecam-weight', '0.5', '--aug-allow', 'xflip,rotate90', *start])
+    assert result.exit_code == 0, result.output
+    original = json.load(open(first / 'training_options.json'))
+
+    # --resume FOLDER into a new run folder (auto mode: one of our snapshots, so the run continues).
+    second = tmp_path / 'second'
+    result = _run(['--run-dir', str(second), '--data', data, '--resume', str(first), '--kimg', '0.016', '--device', 'cpu'])
+    assert result.exit_code == 0, result.output
+    options = json.load(open(second / 'training_options.json'))
+    for key in ('lecam_kwargs', 'augment_kwargs', 'augment_names', 'ada_kimg', 'ema_rampup', 'G_kwargs', 'D_kwargs', 'loss_kwargs', 'batch_size'):
+        assert options[key] == original[key], key
+    assert options['resume_mode'] == 'full' and options['fine_tuning'] is False and options['total_kimg'] == 0.016
+    assert 'continuing at kimg 0.008' in (second / 'log.txt').read_text()
+    stats = [json.loads(line) for line in open(second / 'stats.jsonl')]
+    assert all('LeCam/ema_real' in s for s in stats)
+    saved_ema = load_network_pkl(first / 'network-snapshot-000000.pkl')['progress']['loss']['extra_d_terms']['lecam']
+    resumed = load_network_pkl(second / 'network-snapshot-000000.pkl')['progress']['loss']['extra_d_terms']['lecam']
+    assert int(resumed['num_updates']) == int(saved_ema['num_updates']) + 2    # 8 more images in batches of 4
+
+    # Another value for a setting that shapes the training is refused in one line; a longer --kimg is fine.
+    result = CliRunner().invoke(train.main, ['--run-dir', str(first), '--lecam-weight', '0.1', '--kimg', '0.016', *start])
+    assert result.exit_code == 1 and result.output.count('\n') == 1, result.output
+    assert '--lecam-weight 0.5, not 0.1' in result.output
+
+
+def test_fine_tuning_run_continued_keeps_fine_tuning_settings(tmp_path):
+    data = write_zip(tmp_path / 'd.zip')
+    common = ['--data', data, '--snap', '1', '--tick', '0.004', '--mbstd-group', '2', *TINY]
+    assert _run(['--run-dir', str(tmp_path / 'parent'), '--kimg', '0.008', *common]).exit_code == 0
+    child = tmp_path / 'child'
+    parent_pkl = str(tmp_path / 'parent' / 'network-snapshot-000000.pkl')
+    result = _run(['--run-dir', str(child), '--kimg', '0.008', '--resume', parent_pkl, '--resume-mode', 'weights', *common])
+    assert result.exit_code == 0, result.output
+    assert json.load(open(child / 'training_options.json'))['ada_kimg'] == 100
+    result = _run(['--run-dir', str(child), '--kimg', '0.012', *common])       # continue the fine-tuning run
+    assert result.exit_code == 0, result.output
+    options = json.load(open(child / 'training_options.json'))
+    assert options['fine_tuning'] is True and options['ada_kimg'] == 100 and options['ema_rampup'] is None
+    assert 'continuing at kimg 0.008' in (child / 'log.txt').read_text()
+
+
+def test_options_for_other_models_and_modes_are_refused(tmp_path):
+    data = write_zip(tmp_path / 'd.zip', resolution=32)
+    for extra, match in [(['--model', 'dcgan', '--lecam-weight', '0.1'], '--lecam-weight applies to StyleGAN2 only'),
+                         (['--model', 'dcgan', '--aug-allow', 'xflip'], '--aug-allow applies to StyleGAN2 only'),
+                         (['--aug-deny', 'noise,cutout'], 'nothing to remove'),
+                         (['--aug', 'fixed'], '--aug fixed needs --p')]:
+        result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'runs'), '--data', data, '--dry-run', *TINY, *extra])
+        assert result.exit_code == 1 and result.output.count('\n') == 1 and match in result.output, (extra, result.output)
+    assert not (tmp_path / 'runs').exists()

@@ -152,3 +152,31 @@ def test_sigkill_then_resume_from_run_dir(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert f'continuing at kimg {killed_at / 1000:.3f}' in (run_dir / 'log.txt').read_text()
     assert load_network_pkl(latest_snapshot(run_dir))['progress']['cur_nimg'] == killed_at + 8
+
+
+def _sync_check_worker(rank, init_file, out_dir, perturb):
+    from stylegan2ada import distributed
+    from stylegan2ada.training_loop import _any_process, _replicas_in_sync
+    distributed.init_process_group(rank, 2, 'cpu', init_file)
+    try:
+        torch.manual_seed(0)
+        module = torch.nn.Linear(4, 3)
+        if perturb and rank == 1:
+            with torch.no_grad():
+                module.weight.view(-1)[5] = torch.nextafter(module.weight.view(-1)[5], torch.tensor(1.0))  # one ulp
+        in_sync = _replicas_in_sync([module], 2)
+        any_flag = _any_process(rank == 1, 2)
+        with open(os.path.join(out_dir, f'rank{rank}.json'), 'w') as f:
+            json.dump(dict(in_sync=in_sync, any_flag=any_flag), f)
+    finally:
+        distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize('perturb', [False, True])
+def test_replica_check_detects_one_ulp_and_flags_reach_every_process(tmp_path, perturb):
+    # The 2-process test above relies on this check: it must see a single differing bit in one replica.
+    from stylegan2ada import distributed
+    distributed.spawn(_sync_check_worker, 2, args=(str(tmp_path), perturb))
+    results = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(2)]
+    assert [r['in_sync'] for r in results] == [not perturb] * 2
+    assert [r['any_flag'] for r in results] == [True, True]              # rank 1's flag, seen by rank 0 too

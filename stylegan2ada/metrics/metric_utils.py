@@ -11,6 +11,7 @@ import torch
 import tqdm
 
 from ..dataset import ImageFolderDataset
+from ..distributed import collective_device
 from ..image_utils import to_uint8
 from ..util import atomic_write
 from .detectors import default_cache_dir
@@ -130,17 +131,12 @@ def _own_batches(batches, opts):
     return [b for b in range(len(batches)) if b % opts.num_gpus == opts.rank]
 
 
-def _collective_device():
-    import torch.distributed as dist
-    return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
-
-
 def _broadcast_flag(flag, opts):
     """Rank 0's boolean, on every rank."""
     if opts.num_gpus == 1:
         return flag
     import torch.distributed as dist
-    value = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_collective_device())
+    value = torch.tensor([1 if flag else 0], dtype=torch.int64, device=collective_device())
     dist.broadcast(value, src=0)
     return bool(value.item())
 
@@ -152,7 +148,7 @@ def _gather_rows(parts, batches, opts, dtype):
     if opts.num_gpus == 1:
         return np.concatenate(local) if local else np.zeros([0, 0], dtype)
     import torch.distributed as dist
-    device = _collective_device()
+    device = collective_device()
     local = np.concatenate(local).astype(dtype) if local else None
     width = torch.tensor([0 if local is None else local.shape[1]], dtype=torch.int64, device=device)
     dist.all_reduce(width, op=dist.ReduceOp.MAX)     # a rank without batches does not know the width
@@ -282,7 +278,8 @@ def compute_feature_stats_for_dataset(
     use_cache       = True,     # read and write the on-disk cache
 ):
     """Detector features of the real images, from the on-disk cache when the same request was computed before."""
-    dataset = opts.dataset(max_size=None, xflip=False) if full else opts.dataset()
+    # As NVIDIA's metrics: never the training subset (max_size); x-flip as trained except for the *_full metrics.
+    dataset = opts.dataset(max_size=None, xflip=False) if full else opts.dataset(max_size=None)
     num_items = len(dataset) if max_items is None else min(max_items, len(dataset))
     detector = opts.detector
     cache_file = None
@@ -308,5 +305,5 @@ def compute_feature_stats_for_generator(
 ):
     """Detector features of num_gen images from G (psi 1, random noise, labels drawn from the dataset)."""
     detector = opts.detector
-    feats = map_generator(opts, opts.dataset(), num_gen, lambda images, _classes: detector.features(images, opts.device))
+    feats = map_generator(opts, opts.dataset(max_size=None), num_gen, lambda images, _classes: detector.features(images, opts.device))
     return FeatureStats(feats, capture_all=capture_all, capture_mean_cov=capture_mean_cov)
