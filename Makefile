@@ -28,11 +28,19 @@ mapping_kwargs=dict(num_layers=2), synthesis_kwargs=dict(channel_base=1024, chan
 save_network_pkl('out/random-init.pkl', dict(G=G, G_ema=G))"
 	$(PY) generate.py --network out/random-init.pkl --seeds 0-15 --outdir out/generate --grid
 
-bench: $(STAMP)
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
-
 clean:
 	rm -rf out .pytest_cache
 
 # The paper's experiments and the demo (make demo, make table1, make table2, ...).
 include experiments.mk
+
+# The benchmarks of docs/benchmarks.md (about 5 minutes on a 2-core CPU). The detector benchmark times the demo's
+# taxon classifier on the demo's Calanoida set (both built first if missing) and an Inception-v3-sized network.
+bench: $(MANIFEST) $(TAXON_DETECTOR) | $(STAMP)
+	$(PY) bench/train_step.py --res 32
+	$(PY) bench/train_step.py --res 64
+	$(PY) bench/forward.py --res 64,256
+	$(PY) bench/augment.py
+	$(PY) bench/dataset_tool.py --num 2000
+	$(PY) bench/metrics.py --data $(DATASETS)/Calanoida.zip --detector taxon:$(TAXON_DETECTOR) --num 1000
+	$(PY) bench/inception_cpu.py --num 256

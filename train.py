@@ -341,10 +341,11 @@ def default_options(**overrides):
     return opts
 
 
-# Options that may change when a run is continued: its length, where things are, what is reported, how fast it runs.
-# Every other one comes from the snapshot, and giving it with another value is an error.
-CONTINUE_MAY_CHANGE = ('outdir', 'run_dir', 'data', 'resume', 'resume_mode', 'dry_run', 'kimg', 'snap', 'tick', 'metrics',
-                       'detector', 'device', 'workers', 'nobench', 'allow_tf32')
+# When a run is continued, these describe the new invocation (where, from what, which data file) ...
+CONTINUE_INVOCATION = ('outdir', 'run_dir', 'data', 'resume', 'resume_mode', 'dry_run')
+# ... these may be given anew (its length, what is reported, how fast it runs), else they stay as the run had them ...
+CONTINUE_MAY_CHANGE = ('kimg', 'snap', 'tick', 'metrics', 'detector', 'device', 'workers', 'nobench', 'allow_tf32')
+# ... and every other one comes from the snapshot: giving it with another value is an error.
 
 
 def continued_options(
@@ -353,10 +354,10 @@ def continued_options(
     given,          # names of the options given on this command line
     source,         # the snapshot (for messages)
 ):
-    """The options of a continued run: the saved ones, except what may change (CONTINUE_MAY_CHANGE) and was given."""
+    """The options of a continued run: the saved ones, except this invocation's and those of CONTINUE_MAY_CHANGE given anew."""
     merged = dict(opts)
     for name, value in saved.items():
-        if name not in merged or name in CONTINUE_MAY_CHANGE:
+        if name not in merged or name in CONTINUE_INVOCATION or (name in CONTINUE_MAY_CHANGE and name in given):
             continue
         if name in given and merged[name] != value:
             flag = '--' + name.replace('_', '-')

@@ -3,9 +3,10 @@
 Last line: `images/s <G images/s at the last resolution>`.
 """
 
-import argparse
 import time
+import types
 
+import click
 import torch
 
 from stylegan2ada.networks import Discriminator, Generator
@@ -22,15 +23,16 @@ def time_call(fn, iters):
     return sorted(times)[len(times) // 2]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--res', type=int, nargs='+', default=[64, 256], help='resolutions')
-    parser.add_argument('--batch', type=int, default=4)
-    parser.add_argument('--iters', type=int, default=3)
-    parser.add_argument('--cbase', type=int, default=16384)
-    parser.add_argument('--cmax', type=int, default=512)
-    parser.add_argument('--device', default='cpu')
-    args = parser.parse_args()
+@click.command(context_settings=dict(max_content_width=120))
+@click.option('--res',      help='Resolutions (comma list)', metavar='LIST', type=str, default='64,256', show_default=True)
+@click.option('--batch',    help='Images per forward pass', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True)
+@click.option('--iters',    help='Timed calls; the median is reported', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True)
+@click.option('--cbase',    help='Capacity multiplier (channel_base)', metavar='INT', type=click.IntRange(min=1), default=16384, show_default=True)
+@click.option('--cmax',     help='Max. feature maps', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True)
+@click.option('--device',   help='Torch device', metavar='STR', type=str, default='cpu', show_default=True)
+def main(**kwargs):
+    """Time one forward pass of G and D at NVIDIA's --cfg auto sizes; last line `images/s <G at the last resolution>`."""
+    args = types.SimpleNamespace(**dict(kwargs, res=[int(r) for r in kwargs['res'].split(',') if r.strip()]))
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, batch {args.batch}')
     rate = 0.0
     for res in args.res:
@@ -49,4 +51,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    main()  # pylint: disable=no-value-for-parameter

@@ -14,15 +14,6 @@ from taxogan_ext.dcgan import DCGAN_DEFAULTS, DCGANDiscriminator, DCGANGenerator
 from training_helpers import tiny_loop_kwargs, write_zip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (and stall badly on a busy 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _num_params(module):
     return sum(p.numel() for p in module.parameters())
 

@@ -20,15 +20,6 @@ REAL = [1.0, -0.5, 2.0, 0.3]
 FAKE = [-1.0, 0.5, 0.2, -2.0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (and stall badly on a busy 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _logits(values, requires_grad=False):
     return torch.tensor(values, dtype=torch.float32).reshape(-1, 1).requires_grad_(requires_grad)  # [N, 1]
 

@@ -106,6 +106,7 @@ def test_continued_run_keeps_its_settings(tmp_path):
     for key in ('lecam_kwargs', 'augment_kwargs', 'augment_names', 'ada_kimg', 'ema_rampup', 'G_kwargs', 'D_kwargs', 'loss_kwargs', 'batch_size'):
         assert options[key] == original[key], key
     assert options['resume_mode'] == 'full' and options['fine_tuning'] is False and options['total_kimg'] == 0.016
+    assert options['kimg_per_tick'] == 0.004 and options['network_snapshot_ticks'] == 1   # not given: as the run had them
     assert 'continuing at kimg 0.008' in (second / 'log.txt').read_text()
     stats = [json.loads(line) for line in open(second / 'stats.jsonl')]
     assert all('LeCam/ema_real' in s for s in stats)
