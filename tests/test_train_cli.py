@@ -145,3 +145,28 @@ def test_options_for_other_models_and_modes_are_refused(tmp_path):
         result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'runs'), '--data', data, '--dry-run', *TINY, *extra])
         assert result.exit_code == 1 and result.output.count('\n') == 1 and match in result.output, (extra, result.output)
     assert not (tmp_path / 'runs').exists()
+
+
+def test_two_kimg_run_as_a_new_user_then_longer(tmp_path):
+    # python train.py --data ZIP --kimg 2 (tiny 16 px network), then the same folder continued to 3 kimg.
+    data = write_zip(tmp_path / 'd.zip', num_images=32)
+    run_dir = tmp_path / 'run'
+    args = ['--run-dir', str(run_dir), '--data', data, '--zdim', '8', '--cbase', '64', '--cmax', '8', '--map', '2',
+            '--batch', '32', '--tick', '1', '--snap', '1', '--device', 'cpu']
+    result = _run([*args, '--kimg', '2'])
+    assert result.exit_code == 0, result.output
+    names = set(os.listdir(run_dir))
+    assert {f'network-snapshot-00000{k}.pkl' for k in range(3)} <= names
+    assert {'fakes_init.png', 'fakes000001.png', 'fakes000002.png', 'reals.png'} <= names
+    snap = load_network_pkl(run_dir / 'network-snapshot-000002.pkl')
+    assert snap['progress']['cur_nimg'] == 2016                             # 63 steps of 32: the first past 2000
+    log_lines = [line for line in (run_dir / 'log.txt').read_text().splitlines() if line.startswith('tick ')]
+    assert len(log_lines) == 3 and all(w in log_lines[-1] for w in ('kimg 2.016', 'sec/kimg', 'eta', 'augment', 'cpumem'))
+    p_saved = float(snap['augment_pipe'].p)
+    stats = [json.loads(line) for line in open(run_dir / 'stats.jsonl')]
+    assert stats[-1]['Progress/augment'] == pytest.approx(p_saved)
+    result = _run([*args, '--kimg', '3'])
+    assert result.exit_code == 0, result.output
+    log = (run_dir / 'log.txt').read_text()
+    assert f'continuing at kimg 2.016 (tick 3), augment p {p_saved:.3f}' in log
+    assert load_network_pkl(run_dir / 'network-snapshot-000003.pkl')['progress']['cur_nimg'] == 3008

@@ -180,3 +180,29 @@ def test_replica_check_detects_one_ulp_and_flags_reach_every_process(tmp_path, p
     results = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(2)]
     assert [r['in_sync'] for r in results] == [not perturb] * 2
     assert [r['any_flag'] for r in results] == [True, True]              # rank 1's flag, seen by rank 0 too
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_writes_a_final_snapshot(tmp_path, sig):
+    data = write_zip(tmp_path / 'd.zip')
+    run_dir = tmp_path / 'run'
+    cmd = [sys.executable, os.path.join(REPO, 'train.py'), '--run-dir', str(run_dir), '--data', data, '--batch', '4',
+           '--kimg', '1000', '--tick', '0.008', '--snap', '1000', '--zdim', '8', '--cbase', '64', '--cmax', '8', '--map', '2',
+           '--gamma', '0.01', '--device', 'cpu', '--mbstd-group', '2']
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not ((run_dir / 'stats.jsonl').exists() and
+                                              len((run_dir / 'stats.jsonl').read_text().splitlines()) >= 3):
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert 'interrupted' in err and f'continue with: python train.py --run-dir {run_dir}' in err and 'Traceback' not in err
+    snaps = [n for n in os.listdir(run_dir) if n.startswith('network-snapshot')]
+    assert snaps == ['network-snapshot-000000.pkl']                     # --snap 1000 ticks: only the interrupt wrote one
+    stopped_at = load_network_pkl(run_dir / snaps[0])['progress']['cur_nimg']
+    assert stopped_at >= 16 and f'Interrupted at kimg {stopped_at / 1000:.3f}' in (run_dir / 'log.txt').read_text()
