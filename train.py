@@ -320,7 +320,7 @@ def main(**kwargs):
     python train.py --outdir runs --data datasets/Calanoida.zip --gpus 1 --lecam-weight 0.0001
     # Fine-tune from a pickle with a leak-free augmentation whitelist and Freeze-D:
     python train.py --outdir runs --data datasets/Harpacticoida.zip --resume copepoda.pkl --aug-allow leakfree-geom --freezed 10
-    # Continue a killed run:
+    # Continue a killed run (its settings come from the snapshot; --kimg, --snap, --tick, --metrics may be changed):
     python train.py --run-dir runs/00003-Calanoida-auto-... --data datasets/Calanoida.zip
     """
     ctx = click.get_current_context()

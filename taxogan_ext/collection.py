@@ -695,6 +695,11 @@ def build_datasets(
     records, available, fmt = read_source(source_path, fmt, rank_cols, path_col, id_col, tree_ranks, root,
                                           skip=[dest_path, cache_path])
     config['format'] = fmt
+    if fmt == 'ecotaxa' and root is None:
+        top = next((record.lineage[0] for record in records if record.lineage), None)
+        if top is not None:
+            log(f'EcoTaxa root: {top[1]} taken as the {top[0]} (the deepest taxon every annotated row shares); '
+                f'--root NAME to choose another')
     if fmt != 'bold':
         # Folder and hierarchy levels have no rank names of their own: catch typos against the standard ranks.
         _check_ranks(tree_ranks, list(taxonomy.STANDARD_RANKS), source_path, '--tree-ranks', what='--tree-ranks')

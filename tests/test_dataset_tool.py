@@ -330,8 +330,9 @@ def test_ecotaxa_export(tmp_path):
     (tmp_path / 'exclude.txt').write_text(x0 + '\n')
     dest = tmp_path / 'datasets'
     # The root is found by itself: Copepoda is the deepest taxon every annotated row shares.
-    _build(['--source', str(tmp_path / 'ecotaxa_export.tsv'), '--dest', str(dest),
-            '--exclude', str(tmp_path / 'exclude.txt'), *BASE_ARGS])
+    result = _build(['--source', str(tmp_path / 'ecotaxa_export.tsv'), '--dest', str(dest),
+                     '--exclude', str(tmp_path / 'exclude.txt'), *BASE_ARGS])
+    assert 'EcoTaxa root: Copepoda taken as the class' in result.output   # said, so a wrong guess is seen
     drops = _expected_drops(where) | {('images/unsorted.png', 'no_taxon')}
     manifest = _check_build(dest, SPEC_COUNTS, SPEC_DIRECT, drops, channels=3)
     assert manifest.options['format'] == 'ecotaxa'

@@ -646,3 +646,18 @@ def test_training_loop_evaluates_each_snapshot(tmp_path, tiny_detector):
                         cache_dir=str(tmp_path / 'c'))
     assert np.isfinite(lines[-1]['results']['fid8_full'])
     assert again['results']['fid8_full'] == pytest.approx(lines[-1]['results']['fid8_full'], rel=1e-6)
+
+
+def test_taxon_detector_training_repeats_exactly(taxon_setup, tmp_path):
+    # Dropout draws from torch's global RNG: seeded inside the trainer, so a second training gives the same weights
+    # (and so the same _taxon metrics), whatever the caller did to the RNG before; the caller's state is kept.
+    root, path, _, _ = taxon_setup
+    torch.manual_seed(12345)
+    torch.rand(7)
+    state = torch.get_rng_state()
+    again = tmp_path / 'again.pt'
+    train_taxon_classifier(str(root), str(again), resolution=16, epochs=12, batch_size=16, channels=(16, 32),
+                           lr=3e-3, heldout_fraction=0.25, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    first, second = torch.jit.load(path).state_dict(), torch.jit.load(str(again)).state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

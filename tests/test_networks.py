@@ -154,12 +154,14 @@ def test_freeze_d_stores_first_layers_as_buffers():
     assert set(D.state_dict()) == set(Discriminator(c_dim=0, img_resolution=16, img_channels=3, channel_base=128, channel_max=8).state_dict())
 
 
-def test_channels_last_gives_same_output(golden_spec):
+def test_fp16_channels_last_blocks_run_in_fp32_on_cpu_and_match_golden(golden_spec):
     spec = copy.deepcopy(golden_spec['cases']['g32_uncond'])
     g_state, _, io = load_golden_case('g32_uncond')
     spec['G_kwargs']['synthesis_kwargs']['fp16_channels_last'] = True
     spec['G_kwargs']['synthesis_kwargs']['num_fp16_res'] = 2
     G = Generator(**spec['G_kwargs']).eval()
     G.load_state_dict(g_state)
-    # On CPU fp16 blocks run in fp32, so the output equals the golden image.
+    # The two fp16 blocks hold channels_last weights; on CPU they run in fp32, so the output equals the golden image.
+    last = G.synthesis.b32.conv1.weight
+    assert last.is_contiguous(memory_format=torch.channels_last) and not last.is_contiguous()
     assert rel_error(G(io['z'], io['c'], noise_mode='const'), io['img_psi1']) < TOL

@@ -480,32 +480,34 @@ def train_taxon_classifier(
     class_weights = counts.sum() / (len(class_names) * counts)
 
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
+    # Initialisation and dropout draw from torch's global RNG: seeded inside a fork, so training repeats exactly and
+    # the caller's RNG state is left as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         torch.manual_seed(seed)
         model = TaxonClassifier(class_names, resolution=resolution, channels=channels)
-    model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps_per_epoch = math.ceil(len(train_idx) / batch_size)
-    total_steps = max(epochs * steps_per_epoch, 1)
-    step = 0
-    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights.to(device))
-    with tqdm.tqdm(total=epochs, desc='training taxon detector', unit='epoch', disable=not progress) as bar:
-        for _epoch in range(epochs):
-            order = train_idx[torch.randperm(len(train_idx), generator=generator)]
-            running = 0.0
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                x = _augment(x_all[batch], generator).to(device)
-                for group in optimizer.param_groups:
-                    group['lr'] = lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
-                loss = loss_fn(model.classify(x), y_all[batch].to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                running += float(loss.detach()) * len(batch)
-                step += 1
-            bar.set_postfix(loss=f'{running / max(len(order), 1):.3f}')
-            bar.update(1)
+        model.to(device).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
+        steps_per_epoch = math.ceil(len(train_idx) / batch_size)
+        total_steps = max(epochs * steps_per_epoch, 1)
+        step = 0
+        loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights.to(device))
+        with tqdm.tqdm(total=epochs, desc='training taxon detector', unit='epoch', disable=not progress) as bar:
+            for _epoch in range(epochs):
+                order = train_idx[torch.randperm(len(train_idx), generator=generator)]
+                running = 0.0
+                for start in range(0, len(order), batch_size):
+                    batch = order[start:start + batch_size]
+                    x = _augment(x_all[batch], generator).to(device)
+                    for group in optimizer.param_groups:
+                        group['lr'] = lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+                    loss = loss_fn(model.classify(x), y_all[batch].to(device))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    running += float(loss.detach()) * len(batch)
+                    step += 1
+                bar.set_postfix(loss=f'{running / max(len(order), 1):.3f}')
+                bar.update(1)
 
     # Held-out accuracy from the stored (preprocessed) images; acc_taxon recomputes it from the files.
     model.eval()
