@@ -27,6 +27,7 @@ from pathlib import Path
 
 import tqdm
 
+from stylegan2ada.metrics.detectors import DetectorError, resolve_detector
 from stylegan2ada.training_loop import latest_snapshot
 from stylegan2ada.util import atomic_write, write_json_atomic
 
@@ -407,11 +408,27 @@ class StageState:
     snapshot:       str | None = None   # newest snapshot (resume)
     final_pkl:      str | None = None   # final pickle (done, evaluate)
 
-def _evaluated(records, stage, fp, metrics, detector) -> bool:
+def detector_identity(detector) -> str | None:
+    """Content identity of a detector file (taxon:PATH or PATH), so that a retrained detector is noticed; None for
+    'inception' (one fixed published file) and for files that do not exist."""
+    if detector == 'inception':
+        return None
+    try:
+        return resolve_detector(detector).id
+    except DetectorError:
+        return None
+
+
+def _same_evaluation(record, stage_key, fp, metrics, detector, detector_id) -> bool:
+    """Whether a results record evaluated this stage (these inputs) with these metrics and this detector."""
+    return (record.get('stage') == stage_key and record.get('fingerprint') == fp and record.get('requested_metrics') == list(metrics)
+            and record.get('detector') == detector and (detector_id is None or record.get('detector_id') == detector_id))
+
+
+def _evaluated(records, stage, fp, metrics, detector, detector_id=None) -> bool:
     """True when results hold a record of every evaluation of the stage, with these inputs, metrics and detector."""
     want = {ev.taxon for ev in stage.evaluations}
-    have = {r['taxon'] for r in records if r.get('stage') == stage.key and r.get('fingerprint') == fp
-            and r.get('requested_metrics') == list(metrics) and r.get('detector') == detector}
+    have = {r['taxon'] for r in records if _same_evaluation(r, stage.key, fp, metrics, detector, detector_id)}
     return want <= have
 
 def inspect_stage(
@@ -423,6 +440,7 @@ def inspect_stage(
     metrics:        list,           # evaluation metrics asked for
     detector:       str,            # detector asked for
     read_progress:  bool = True,    # load the newest snapshot to report its kimg (a dry run of big pickles may skip it)
+    detector_id:    str | None = None,  # detector_identity(detector); None = compare the detector spec only
 ) -> StageState:
     """The status of a stage: what running the plan would do with it."""
     folder = Path(outdir) / stage.key
@@ -440,7 +458,7 @@ def inspect_stage(
     final = record.get('final_pkl')
     if record.get('state') == 'trained' and final and (folder / final).is_file():
         final_path = str(folder / final)
-        if _evaluated(records, stage, fp, metrics, detector):
+        if _evaluated(records, stage, fp, metrics, detector, detector_id):
             return StageState('done', 'done', fp, inputs, done_kimg=stage.kimg, final_pkl=final_path)
         return StageState('evaluate', 'trained; to evaluate', fp, inputs, done_kimg=stage.kimg, final_pkl=final_path)
     snapshot = latest_snapshot(str(folder))
@@ -467,6 +485,7 @@ def final_sha256(outdir, stage_key: str) -> str | None:
 def plan_states(plan: Plan, records, metrics, detector, read_progress=True) -> dict[str, StageState]:
     """StageState of every stage, in plan order, as the dry run shows them."""
     states = {}
+    detector_id = detector_identity(detector)
     for stage in plan.stages:
         if stage.start_kind == 'scratch':
             ready, sha = True, None
@@ -475,7 +494,7 @@ def plan_states(plan: Plan, records, metrics, detector, read_progress=True) -> d
         else:
             ready = states[stage.start].status in ('done', 'evaluate')
             sha = final_sha256(plan.outdir, stage.start) if ready else None
-        states[stage.key] = inspect_stage(stage, plan.outdir, sha, ready, records, metrics, detector, read_progress)
+        states[stage.key] = inspect_stage(stage, plan.outdir, sha, ready, records, metrics, detector, read_progress, detector_id)
     return states
 
 #----------------------------------------------------------------------------
@@ -644,6 +663,7 @@ def run_plan(
         write_json_atomic(outdir / PLAN_FILE, plan.to_dict())
         records = read_results(results_path)
         states = plan_states(plan, records, metrics, detector)
+        detector_id = detector_identity(detector)
         todo = [s for s in plan.stages if states[s.key].status in ('todo', 'rerun', 'resume', 'waiting')]
         total_kimg = sum(max(s.kimg - states[s.key].done_kimg, 0) for s in todo)
         log(format_plan(plan, states))
@@ -661,7 +681,7 @@ def run_plan(
                     start_sha = final_sha256(outdir, stage.start)
                     if start_sha is None:
                         raise PlanError(f'stage {stage.key}: its start stage {stage.start} has no final pickle')
-                state = inspect_stage(stage, outdir, start_sha, True, records, metrics, detector)
+                state = inspect_stage(stage, outdir, start_sha, True, records, metrics, detector, detector_id=detector_id)
                 folder = outdir / stage.key
                 header = f'[{index}/{len(plan.stages)}] {stage.label}'
                 if state.status == 'done':
@@ -715,8 +735,8 @@ def run_plan(
                 # Evaluation: one record per evaluated taxon.
                 stage_record = read_json(folder / STAGE_FILE)
                 for ev in stage.evaluations:
-                    if any(r.get('stage') == stage.key and r.get('taxon') == ev.taxon and r.get('fingerprint') == state.fingerprint
-                           and r.get('requested_metrics') == metrics and r.get('detector') == detector for r in records):
+                    if any(r.get('taxon') == ev.taxon and _same_evaluation(r, stage.key, state.fingerprint, metrics, detector, detector_id)
+                           for r in records):
                         continue        # evaluated already (a conditional stage evaluates several taxa)
                     if ev.derived is not None:
                         write_derived_zip(ev.derived)
@@ -728,7 +748,7 @@ def run_plan(
                         source=stage.source, origin=stage.origin, chain=list(stage.chain), trained_on=stage.taxon,
                         num_images=ev.num_images, train_images=stage.num_images, kimg=stage.kimg, cond=stage.cond,
                         fingerprint=state.fingerprint, pkl=os.path.relpath(state.final_pkl, outdir), data=ev.data,
-                        datasets=plan.datasets, requested_metrics=metrics, detector=detector, detector_id=out.get('detector_id'),
+                        datasets=plan.datasets, requested_metrics=metrics, detector=detector, detector_id=detector_id or out.get('detector_id'),
                         metrics=out['metrics'], num_real=out.get('num_real'), num_gen=out.get('num_gen'),
                         extra=out.get('extra', {}),
                         train_options=stage.train_options, overrides=stage.overrides, train_seconds=stage_record.get('train_seconds'),

@@ -386,3 +386,27 @@ def test_cli_resume_from_a_pickle(tmp_path):
     # Bad input: one line naming the problem.
     result = runner.invoke(train_hier.main, tiny + ['--outdir', str(tmp_path / 'c'), '--resume', str(tmp_path / 'missing.pkl')])
     assert result.exit_code != 0 and 'missing.pkl: no such file' in result.output
+
+
+def test_retrained_detector_reevaluates_without_training(tmp_path):
+    # The detector file is an input of the evaluation: the same path with new content (a retrained taxon
+    # classifier) must not let old figures stand.
+    manifest = _write_datasets(tmp_path / 'ds')
+    out = tmp_path / 'exp'
+    detector = tmp_path / 'det.pt'
+    with zipfile.ZipFile(detector, 'w') as z:
+        z.writestr('det/data.pkl', b'first')
+    plan = hierarchy.build_plan(manifest, out, 'descending', kimg_parent=0.002, kimg_child=0.001)
+    run = lambda: hierarchy.run_plan(plan, manifest, training, ['fid10_full'], str(detector), evaluate_fn=_fake_eval,
+                                     log=lambda *_: None, progress=False)
+    training = FakeTraining()
+    assert len(run()) == 5 and len(training.calls) == 5
+    training = FakeTraining()
+    assert run() == [] and training.calls == []                          # same file: done
+    with zipfile.ZipFile(detector, 'w') as z:
+        z.writestr('det/data.pkl', b'second')
+    states = hierarchy.plan_states(plan, hierarchy.read_results(out / hierarchy.RESULTS_FILE), ['fid10_full'], str(detector))
+    assert {s.status for s in states.values()} == {'evaluate'}
+    records = run()
+    assert training.calls == [] and len(records) == 5
+    assert {r['detector_id'] for r in records} == {hierarchy.detector_identity(str(detector))}
