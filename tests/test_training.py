@@ -118,9 +118,9 @@ def test_two_process_gloo_keeps_replicas_identical(tmp_path):
            '--batch', '4', '--kimg', '0.016', '--tick', '0.008', '--snap', '1', '--zdim', '8', '--cbase', '64', '--cmax', '8',
            '--map', '2', '--gamma', '0.01', '--device', 'cpu']
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
     log = (tmp_path / 'run' / 'log.txt').read_text()
-    assert 'replicas in sync' in log and 'replicas NOT in sync' not in log
+    assert 'replicas in sync' in log and 'replicas NOT in sync' not in log, log[-2000:]
     assert load_network_pkl(latest_snapshot(tmp_path / 'run'))['progress']['cur_nimg'] == 16
 
 
