@@ -226,6 +226,9 @@ def training_loop(
         torch.backends.cudnn.allow_tf32 = allow_tf32
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
+        for name in os.listdir(run_dir):
+            if name.startswith('.tmp-network-snapshot-'):
+                os.remove(os.path.join(run_dir, name))   # left by a run killed while writing a snapshot
     log = _TickLog(run_dir, rank)
 
     # Data.
