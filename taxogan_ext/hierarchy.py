@@ -482,10 +482,10 @@ def final_sha256(outdir, stage_key: str) -> str | None:
         return record['final_sha256']
     return sha256_file(path)
 
-def plan_states(plan: Plan, records, metrics, detector, read_progress=True) -> dict[str, StageState]:
-    """StageState of every stage, in plan order, as the dry run shows them."""
+def plan_states(plan: Plan, records, metrics, detector, read_progress=True, detector_id=None) -> dict[str, StageState]:
+    """StageState of every stage, in plan order, as the dry run shows them (detector_id: detector_identity's, if known)."""
     states = {}
-    detector_id = detector_identity(detector)
+    detector_id = detector_id or detector_identity(detector)
     for stage in plan.stages:
         if stage.start_kind == 'scratch':
             ready, sha = True, None
@@ -662,8 +662,8 @@ def run_plan(
     with experiment_lock(outdir):
         write_json_atomic(outdir / PLAN_FILE, plan.to_dict())
         records = read_results(results_path)
-        states = plan_states(plan, records, metrics, detector)
         detector_id = detector_identity(detector)
+        states = plan_states(plan, records, metrics, detector, detector_id=detector_id)
         todo = [s for s in plan.stages if states[s.key].status in ('todo', 'rerun', 'resume', 'waiting')]
         total_kimg = sum(max(s.kimg - states[s.key].done_kimg, 0) for s in todo)
         log(format_plan(plan, states))

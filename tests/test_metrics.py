@@ -21,6 +21,7 @@ from stylegan2ada.metrics.detectors import Detector, DetectorError, resolve_dete
 from stylegan2ada.metrics.metric_main import select_detector
 from stylegan2ada.networks import Generator
 from stylegan2ada.pickles import load_network_pkl, save_network_pkl
+from training_helpers import zip_entry
 
 # The tests save their tiny detectors as TorchScript, which torch now marks deprecated.
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit:DeprecationWarning', 'ignore::scipy.linalg.LinAlgWarning')
@@ -198,12 +199,12 @@ def _write_dataset(path, images, classes=None, label_names=None):
     """uint8 images [N, C, H, W] -> a dataset zip (with dataset.json when classes are given)."""
     with zipfile.ZipFile(path, 'w') as zf:
         for i, img in enumerate(images):
-            zf.writestr(f'img{i:08d}.png', _png(np.ascontiguousarray(img.transpose(1, 2, 0))))
+            zf.writestr(zip_entry(f'img{i:08d}.png'), _png(np.ascontiguousarray(img.transpose(1, 2, 0))))
         if classes is not None:
             meta = {'labels': [[f'img{i:08d}.png', int(c)] for i, c in enumerate(classes)]}
             if label_names is not None:
                 meta['label_names'] = label_names
-            zf.writestr('dataset.json', json.dumps(meta))
+            zf.writestr(zip_entry('dataset.json'), json.dumps(meta))
     return str(path)
 
 

@@ -11,6 +11,11 @@ TINY_D = dict(channel_base=64, channel_max=8, epilogue_kwargs=dict(mbstd_group_s
 ADAM = dict(lr=0.0025, betas=[0, 0.99], eps=1e-8)
 
 
+def zip_entry(name):
+    """A zip entry with a fixed timestamp: the same images give the same zip bytes (and hash) whenever written."""
+    return zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+
+
 def write_zip(path, num_images=16, resolution=16, channels=3, labels=None, seed=0, size=None, name=None):
     """A dataset zip of random-blob images; labels = list of class indices or None; size = (w, h) of one bad image."""
     rnd = np.random.RandomState(seed)
@@ -28,10 +33,10 @@ def write_zip(path, num_images=16, resolution=16, channels=3, labels=None, seed=
             pil.save(buf, format='PNG')
             fname = f'img{i:05d}.png'
             fnames.append(fname)
-            z.writestr(fname, buf.getvalue())
+            z.writestr(zip_entry(fname), buf.getvalue())
         if labels is not None:
             import json
-            z.writestr('dataset.json', json.dumps({'labels': [[f, int(c)] for f, c in zip(fnames, labels)]}))
+            z.writestr(zip_entry('dataset.json'), json.dumps({'labels': [[f, int(c)] for f, c in zip(fnames, labels)]}))
     return str(path)
 
 
