@@ -708,9 +708,10 @@ def build_datasets(
         raise CollectionError(f'{source_path}: no images found')
     records = [record for _key, record in sorted(((r.source, i), r) for i, r in enumerate(records))]
     named = {rank for record in records for rank, _name in record.lineage}
-    if any(rank not in named for rank in ranks):
+    missing = [rank for rank in ranks if rank not in named]
+    if missing:
         # Deeper than the source goes (a tree two folders deep asked for family): no dataset could have that rank.
-        raise CollectionError(f'{source_path}: no image is identified to rank {[r for r in ranks if r not in named][0]!r} '
+        raise CollectionError(f'{source_path}: no image is identified to rank {missing[0]!r} '
                               f'(ranks with names here: {", ".join(r for r in available if r in named) or "none"})')
     exclusions = read_exclusions(Path(exclude)) if exclude else []
 

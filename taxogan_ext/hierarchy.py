@@ -419,17 +419,16 @@ def detector_identity(detector) -> str | None:
         return None
 
 
-def _same_evaluation(record, stage_key, fp, metrics, detector, detector_id) -> bool:
-    """Whether a results record evaluated this stage (these inputs) with these metrics and this detector."""
-    return (record.get('stage') == stage_key and record.get('fingerprint') == fp and record.get('requested_metrics') == list(metrics)
-            and record.get('detector') == detector and (detector_id is None or record.get('detector_id') == detector_id))
+def _evaluated_taxa(records, stage_key, fp, metrics, detector, detector_id) -> set[str]:
+    """Taxa for which results hold a record of this stage (these inputs) with these metrics and this detector."""
+    return {r['taxon'] for r in records
+            if r.get('stage') == stage_key and r.get('fingerprint') == fp and r.get('requested_metrics') == list(metrics)
+            and r.get('detector') == detector and (detector_id is None or r.get('detector_id') == detector_id)}
 
 
 def _evaluated(records, stage, fp, metrics, detector, detector_id=None) -> bool:
     """True when results hold a record of every evaluation of the stage, with these inputs, metrics and detector."""
-    want = {ev.taxon for ev in stage.evaluations}
-    have = {r['taxon'] for r in records if _same_evaluation(r, stage.key, fp, metrics, detector, detector_id)}
-    return want <= have
+    return {ev.taxon for ev in stage.evaluations} <= _evaluated_taxa(records, stage.key, fp, metrics, detector, detector_id)
 
 def inspect_stage(
     stage:          Stage,
@@ -734,9 +733,9 @@ def run_plan(
 
                 # Evaluation: one record per evaluated taxon.
                 stage_record = read_json(folder / STAGE_FILE)
+                evaluated = _evaluated_taxa(records, stage.key, state.fingerprint, metrics, detector, detector_id)
                 for ev in stage.evaluations:
-                    if any(r.get('taxon') == ev.taxon and _same_evaluation(r, stage.key, state.fingerprint, metrics, detector, detector_id)
-                           for r in records):
+                    if ev.taxon in evaluated:
                         continue        # evaluated already (a conditional stage evaluates several taxa)
                     if ev.derived is not None:
                         write_derived_zip(ev.derived)
@@ -758,6 +757,7 @@ def run_plan(
                     append_record(results_path, record)
                     records.append(record)
                     appended.append(record)
+                    evaluated.add(ev.taxon)
                     log(f'{header}: {ev.taxon}: ' + ', '.join(f'{k} {v:.4g}' for k, v in out['metrics'].items()))
     return appended
 
