@@ -26,7 +26,7 @@ from .distributed import all_reduce_sum_, collective_device
 from .image_utils import grid_size_for, save_image_grid, to_uint8
 from .loss import StyleGAN2Loss
 from .training_stats import StatsCollector
-from .util import format_duration
+from .util import format_duration, remove_stale_temp_files
 
 SNAPSHOT_RE = re.compile(r'^network-snapshot-(\d+)\.pkl$')
 
@@ -226,9 +226,7 @@ def training_loop(
         torch.backends.cudnn.allow_tf32 = allow_tf32
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
-        for name in os.listdir(run_dir):
-            if name.startswith('.tmp-network-snapshot-'):
-                os.remove(os.path.join(run_dir, name))   # left by a run killed while writing a snapshot
+        remove_stale_temp_files(run_dir, 'network-snapshot-')    # left by a run killed while writing a snapshot
     log = _TickLog(run_dir, rank)
 
     # Data.

@@ -5,6 +5,9 @@ import json
 import os
 import tempfile
 
+# atomic_write's temporary files are named TEMP_PREFIX + final name + random suffix (see remove_stale_temp_files).
+TEMP_PREFIX = '.tmp-'
+
 
 @contextlib.contextmanager
 def atomic_write(
@@ -16,7 +19,7 @@ def atomic_write(
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.tmp-{os.path.basename(path)}.', dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f'{TEMP_PREFIX}{os.path.basename(path)}.', dir=folder)
     try:
         with os.fdopen(fd, mode, **({} if 'b' in mode else {'encoding': 'utf-8', 'newline': ''})) as f:
             yield f
@@ -28,6 +31,16 @@ def atomic_write(
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temp_files(
+    folder,             # folder to clean
+    name_prefix,        # final file names the temporary files were for start with this (e.g. 'network-snapshot-')
+):
+    """Delete atomic_write temporaries left in `folder` by a process killed while writing (they are never complete)."""
+    for name in os.listdir(folder):
+        if name.startswith(TEMP_PREFIX + name_prefix):
+            os.remove(os.path.join(folder, name))
 
 
 def write_text_atomic(path, text):

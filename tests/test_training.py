@@ -210,3 +210,21 @@ def test_ctrl_c_or_sigterm_writes_a_final_snapshot(tmp_path, sig):
     assert snaps == ['network-snapshot-000000.pkl']                     # --snap 1000 ticks: only the interrupt wrote one
     stopped_at = load_network_pkl(run_dir / snaps[0])['progress']['cur_nimg']
     assert stopped_at >= 16 and f'Interrupted at kimg {stopped_at / 1000:.3f}' in (run_dir / 'log.txt').read_text()
+
+
+def test_stale_snapshot_temporaries_are_removed_and_nothing_else(tmp_path):
+    # A process killed inside atomic_write leaves its temporary file; the next run's clean-up must recognise exactly
+    # those (of snapshots), whatever atomic_write names them, and keep every other file.
+    code = ('import os, sys; from stylegan2ada.util import atomic_write\n'
+            'open_writes = [atomic_write(os.path.join(%r, name), "wb") for name in sys.argv[1:]]\n'
+            'for w in open_writes:\n'
+            '    f = w.__enter__(); f.write(b"partial"); f.flush()\n'
+            'os._exit(1)\n' % str(tmp_path))
+    subprocess.run([sys.executable, '-c', code, 'network-snapshot-000004.pkl', 'log.txt'], cwd=REPO, check=False)
+    (tmp_path / 'network-snapshot-000003.pkl').write_bytes(b'complete')
+    leftovers = sorted(os.listdir(tmp_path))
+    assert len(leftovers) == 3 and sum(n.startswith('.tmp-network-snapshot-000004.pkl') for n in leftovers) == 1
+    from stylegan2ada.util import remove_stale_temp_files
+    remove_stale_temp_files(tmp_path, 'network-snapshot-')
+    assert sorted(os.listdir(tmp_path)) == [n for n in leftovers if not n.startswith('.tmp-network-snapshot-')]
+    assert (tmp_path / 'network-snapshot-000003.pkl').read_bytes() == b'complete'
