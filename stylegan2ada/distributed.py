@@ -27,6 +27,12 @@ def init_process_group(
     """Join the process group (no-op for one process)."""
     if world_size <= 1:
         return
+    # torch.distributed.nn binds the default group into its functions' default arguments when first imported, which
+    # torch does lazily (the first optimizer step imports torch._dynamo, which imports it). Imported after this call,
+    # it keeps the group alive past destroy_process_group, and gloo's worker threads then race the interpreter's exit
+    # (SIGABRT, "terminate called without an active exception": 7 of 237 two-process runs on a loaded 2-core VM).
+    # Imported before, its defaults are None (the default group at call time).
+    import torch.distributed.nn  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
     backend = backend_for(device_type)
     if init_file is None:
         torch.distributed.init_process_group(backend=backend, init_method='env://', rank=rank, world_size=world_size)

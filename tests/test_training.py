@@ -176,6 +176,31 @@ def _sync_check_worker(rank, init_file, out_dir, perturb):
         distributed.destroy_process_group()
 
 
+def _teardown_worker(rank, init_file, out_dir):
+    from stylegan2ada import distributed
+    distributed.init_process_group(rank, 2, 'cpu', init_file)
+    module = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.Adam(module.parameters())
+    module(torch.ones(2, 4)).sum().backward()
+    distributed.all_reduce_sum_(module.weight.grad)
+    optimizer.step()            # the first step imports torch._dynamo and, through it, torch.distributed.nn
+    distributed.destroy_process_group()
+    threads = sorted(open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task'))
+    with open(os.path.join(out_dir, f'rank{rank}.json'), 'w') as f:
+        json.dump(threads, f)
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/task'), reason='thread names from /proc (Linux)')
+def test_destroy_process_group_stops_gloo_threads(tmp_path):
+    # If anything still holds the process group after destroy_process_group, gloo's worker threads outlive it and
+    # race the interpreter's exit: an occasional SIGABRT at the end of a finished multi-process run.
+    from stylegan2ada import distributed
+    distributed.spawn(_teardown_worker, 2, args=(str(tmp_path),))
+    for rank in range(2):
+        threads = json.loads((tmp_path / f'rank{rank}.json').read_text())
+        assert not [t for t in threads if 'gloo' in t], threads
+
+
 @pytest.mark.parametrize('perturb', [False, True])
 def test_replica_check_detects_one_ulp_and_flags_reach_every_process(tmp_path, perturb):
     # The 2-process test above relies on this check: it must see a single differing bit in one replica.
