@@ -28,7 +28,7 @@ def init_process_group(
     if world_size <= 1:
         return
     # torch.distributed.nn binds the default group into its functions' default arguments when first imported, which
-    # torch does lazily (the first optimizer step imports torch._dynamo, which imports it). Imported after this call,
+    # torch does lazily (creating an optimizer imports torch._dynamo, which imports it). Imported after this call,
     # it keeps the group alive past destroy_process_group, and gloo's worker threads then race the interpreter's exit
     # (SIGABRT, "terminate called without an active exception": 7 of 237 two-process runs on a loaded 2-core VM).
     # Imported before, its defaults are None (the default group at call time).

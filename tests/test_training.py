@@ -180,10 +180,10 @@ def _teardown_worker(rank, init_file, out_dir):
     from stylegan2ada import distributed
     distributed.init_process_group(rank, 2, 'cpu', init_file)
     module = torch.nn.Linear(4, 3)
-    optimizer = torch.optim.Adam(module.parameters())
+    optimizer = torch.optim.Adam(module.parameters())     # imports torch._dynamo and, through it, torch.distributed.nn
     module(torch.ones(2, 4)).sum().backward()
     distributed.all_reduce_sum_(module.weight.grad)
-    optimizer.step()            # the first step imports torch._dynamo and, through it, torch.distributed.nn
+    optimizer.step()
     distributed.destroy_process_group()
     threads = sorted(open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task'))
     with open(os.path.join(out_dir, f'rank{rank}.json'), 'w') as f:
