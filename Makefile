@@ -7,7 +7,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.taxogan-installed
 
-.PHONY: install test generate bench clean
+.PHONY: install test generate bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -44,3 +44,13 @@ bench: $(MANIFEST) $(TAXON_DETECTOR) | $(STAMP)
 	$(PY) bench/dataset_tool.py --num 2000
 	$(PY) bench/metrics.py --data $(DATASETS)/Calanoida.zip --detector taxon:$(TAXON_DETECTOR) --num 1000
 	$(PY) bench/inception_cpu.py --num 256
+
+# Training speed on one GPU (docs/benchmarks.md, section "Training speed on a GPU"): NVIDIA's --cfg auto at 256 px,
+# augment p = 0, 0.2 and 0.6, host synchronisations, and a profile; writes its table into docs/benchmarks.md.
+# DEVICE=cpu runs the tiny preset instead (a check of the script, about a minute). PY=python3 on the command line
+# uses that Python as it is (e.g. a GPU machine's own CUDA torch) instead of creating .venv.
+DEVICE       ?= cuda
+BENCH_PRESET ?= $(if $(filter cpu,$(DEVICE)),tiny,auto256)
+bench-gpu: $(if $(filter command line,$(origin PY)),,$(STAMP))
+	$(PY) bench/train_step.py --preset $(BENCH_PRESET) --device $(DEVICE) --p 0,0.2,0.6 --iters 16 --repeats 3 \
+		--profile 4 --doc docs/benchmarks.md

@@ -1,9 +1,14 @@
 """Train a StyleGAN2-ADA (or DCGAN baseline) network: NVIDIA's options, plus LeCam, augmentation whitelist, Freeze-D."""
 
+import contextlib
+import copy
+import inspect
 import json
 import os
 import re
+import shlex
 import signal
+import threading
 
 import click
 from click.core import ParameterSource
@@ -13,7 +18,7 @@ from stylegan2ada import distributed
 from stylegan2ada.dataset import DatasetError, ImageFolderDataset
 from stylegan2ada.metrics.detectors import DetectorError, resolve_detector
 from stylegan2ada.metrics.metric_main import MetricError, parse_metric_name
-from stylegan2ada.pickles import NetworkPickleError, load_network_pkl
+from stylegan2ada.pickles import MODULE_CLASSES, NetworkPickleError, load_network_pkl, tensor_mismatches
 from stylegan2ada.util import write_json_atomic
 from stylegan2ada.training_loop import TrainingDivergedError, TrainingInterrupted, latest_snapshot, training_loop
 from taxogan_ext import dcgan  # registers the DCGAN classes for pickles
@@ -174,6 +179,7 @@ def build_config(
     c['ada_kimg'] = 500
     c['resume_pkl'] = opts['resume']
     c['resume_mode'] = opts['resume_mode']
+    c['resume_partial'] = bool(opts['resume_partial'])
     c['fine_tuning'] = fine_tuning if fine_tuning is not None else (opts['resume'] is not None and c['resume_mode'] != 'full')
     if c['fine_tuning']:
         c['ada_kimg'] = 100          # fine-tuning: let ADA react faster, as NVIDIA does
@@ -181,8 +187,35 @@ def build_config(
     return c
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
+@contextlib.contextmanager
+def stop_signals_end_training():
+    """Within the block the first SIGINT or SIGTERM stops training (KeyboardInterrupt: the loop writes a final snapshot);
+    later ones are ignored until the block ends, so that they cannot cut that snapshot short."""
+    # timeout, scancel, docker stop and Ctrl-C signal the whole process group: the DataLoader workers ignore these
+    # signals (stylegan2ada.util.worker_init_ignoring_stop_signals), the main process handles them here.
+    if threading.current_thread() is not threading.main_thread():
+        yield                   # only the main thread may set handlers (and receives the signals)
+        return
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in stop_signals}
+
+    def already_stopping(signum, frame):
+        # os.write, not print: a handler may run while the main code is inside a print to the same stream.
+        os.write(2, f'{signal.Signals(signum).name} ignored: stopping already, writing the final snapshot '
+                    f'(SIGKILL or Ctrl-\\ quits without it)\n'.encode())
+
+    def stop(signum, frame):
+        for sig in stop_signals:
+            signal.signal(sig, already_stopping)
+        raise KeyboardInterrupt
+
+    for sig in stop_signals:
+        signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _pick_device(device):
@@ -191,6 +224,126 @@ def _pick_device(device):
     if device == 'cuda' and not torch.cuda.is_available():
         _fail('--device cuda asked for, but no CUDA device is available')
     return device
+
+
+# train.py options that set the networks' sizes. Given explicitly they win; otherwise a fine-tuning run takes the sizes
+# of the pickle it starts from (networks of other sizes would take only some of its tensors and train the rest from noise).
+SIZE_OPTIONS = ('zdim', 'map', 'cbase', 'cmax', 'fp32', 'cond')
+
+
+def _pickle_generator(resume_data):
+    """The pickle's G_ema, else its G."""
+    return resume_data['G_ema'] if resume_data.get('G_ema') is not None else resume_data['G']
+
+
+def _without_data_kwargs(init_kwargs):
+    """A network's init kwargs without those the dataset decides (labels, resolution, channels), copied."""
+    return {k: copy.deepcopy(v) for k, v in init_kwargs.items() if k not in ('c_dim', 'img_resolution', 'img_channels')}
+
+
+def _default(cls, name):
+    return inspect.signature(cls).parameters[name].default
+
+
+def resume_networks(
+    config,         # build_config's dict; its G_kwargs and D_kwargs are replaced by the pickle's sizes
+    resume_data,    # load_network_pkl() of the pickle being fine-tuned
+    resume_pkl,     # its path (for messages)
+    given,          # names of the train.py options given explicitly: those in SIZE_OPTIONS win over the pickle's sizes
+    training_set,   # the dataset (resolution, channels, label dim)
+    data,           # the dataset's path (for messages)
+):
+    """Take the networks' sizes from a pickle being fine-tuned and check that every tensor transfers; returns the line
+    'networks from X.pkl: ...' that says which sizes were used."""
+    from stylegan2ada.networks import Discriminator, MappingNetwork, SynthesisNetwork
+    for key in ('G', 'D', 'G_ema'):
+        if resume_data.get(key) is None:
+            _fail(f'{resume_pkl}: the pickle has no {key}; fine-tuning needs G, D and G_ema')
+    G_src, D_src = _pickle_generator(resume_data), resume_data['D']
+    G_cls, D_cls = MODULE_CLASSES[config['G_class']], MODULE_CLASSES[config['D_class']]
+    if type(G_src) is not G_cls or type(D_src) is not D_cls:
+        _fail(f'{resume_pkl}: holds a {type(G_src).__name__} and a {type(D_src).__name__}, but --model {config["model"]} '
+              f'trains a {G_cls.__name__} and a {D_cls.__name__}')
+    if (G_src.img_resolution, G_src.img_channels) != (training_set.resolution, training_set.num_channels):
+        _fail(f'{resume_pkl}: its networks make {G_src.img_resolution} px images with {G_src.img_channels} channel(s), '
+              f'but {data} holds {training_set.resolution} px images with {training_set.num_channels} channel(s)')
+
+    ours_G, ours_D = config['G_kwargs'], config['D_kwargs']
+    G_kwargs, D_kwargs = _without_data_kwargs(G_src.init_kwargs), _without_data_kwargs(D_src.init_kwargs)
+    differs = []                # given sizes that differ from the pickle's, for the error message
+    if config['model'] == 'dcgan':
+        if 'cbase' in given:
+            if ours_G['ngf'] != G_kwargs['ngf']:
+                differs.append(f'--cbase {ours_G["ngf"] * 64} (pickle: {G_kwargs["ngf"] * 64})')
+            G_kwargs['ngf'], D_kwargs['ndf'] = ours_G['ngf'], ours_D['ndf']
+        sizes = f'DCGAN, z_dim {G_kwargs["z_dim"]}, ngf {G_kwargs["ngf"]}, ndf {D_kwargs["ndf"]}'
+    else:
+        mapping = G_kwargs['mapping_kwargs'] = dict(G_kwargs.get('mapping_kwargs') or {})
+        synthesis = G_kwargs['synthesis_kwargs'] = dict(G_kwargs.get('synthesis_kwargs') or {})
+        ours_synthesis = ours_G['synthesis_kwargs']
+        # (option, kwarg, the pickle's kwargs, ours, the class whose default applies when the pickle omits the kwarg)
+        sized = [('zdim', 'z_dim', G_kwargs, ours_G, G_cls),
+                 ('map', 'num_layers', mapping, ours_G['mapping_kwargs'], MappingNetwork),
+                 ('cbase', 'channel_base', synthesis, ours_synthesis, SynthesisNetwork),
+                 ('cmax', 'channel_max', synthesis, ours_synthesis, SynthesisNetwork)]
+        for option, key, theirs, ours, cls in sized:
+            if option in given:
+                pickle_value = theirs.get(key, _default(cls, key))
+                if ours[key] != pickle_value:
+                    differs.append(f'--{option} {ours[key]} (pickle: {pickle_value})')
+                theirs[key] = ours[key]
+        if 'zdim' in given:
+            G_kwargs['w_dim'] = ours_G['w_dim']
+        for option, key in (('cbase', 'channel_base'), ('cmax', 'channel_max')):
+            if option in given:
+                D_kwargs[key] = ours_D[key]
+        if 'fp32' in given:
+            for theirs, ours in ((synthesis, ours_synthesis), (D_kwargs, ours_D)):
+                theirs['num_fp16_res'], theirs['conv_clamp'] = ours['num_fp16_res'], ours['conv_clamp']
+        # How this run trains, not what the networks are: channels_last, Freeze-D, and the minibatch-std group
+        # (it must divide this run's per-process batch).
+        synthesis.pop('fp16_channels_last', None)
+        synthesis.update({k: v for k, v in ours_synthesis.items() if k == 'fp16_channels_last'})
+        D_kwargs['block_kwargs'] = {k: v for k, v in (D_kwargs.get('block_kwargs') or {}).items() if k != 'fp16_channels_last'}
+        D_kwargs['block_kwargs'].update(ours_D['block_kwargs'])
+        D_kwargs['epilogue_kwargs'] = dict(D_kwargs.get('epilogue_kwargs') or {},
+                                           mbstd_group_size=ours_D['epilogue_kwargs']['mbstd_group_size'])
+        sizes = (f'z_dim {G_kwargs["z_dim"]}, w_dim {G_kwargs["w_dim"]}, '
+                 f'mapping {mapping.get("num_layers", _default(MappingNetwork, "num_layers"))} layers, '
+                 f'channel_base {synthesis.get("channel_base", _default(SynthesisNetwork, "channel_base"))}, '
+                 f'channel_max {synthesis.get("channel_max", _default(SynthesisNetwork, "channel_max"))}, '
+                 f'fp16 resolutions {synthesis.get("num_fp16_res", 0)}, conv_clamp {synthesis.get("conv_clamp")}, '
+                 f'c_dim {training_set.label_dim}, '
+                 f'D architecture {D_kwargs.get("architecture", _default(Discriminator, "architecture"))}')
+    config['G_kwargs'], config['D_kwargs'] = G_kwargs, D_kwargs
+
+    # Every tensor must transfer: built on the meta device, the networks cost no memory to compare.
+    common = dict(c_dim=training_set.label_dim, img_resolution=training_set.resolution, img_channels=training_set.num_channels)
+    with torch.device('meta'):
+        G_new, D_new = G_cls(**G_kwargs, **common), D_cls(**D_kwargs, **common)
+    untransferred = {}
+    for key, new in (('G', G_new), ('D', D_new), ('G_ema', G_new)):
+        unfilled, unused = tensor_mismatches(resume_data[key], new)
+        if unfilled or unused:
+            untransferred[key] = (unfilled, unused)
+    if G_src.c_dim != training_set.label_dim:
+        differs.append(f'the pickle is conditional with {G_src.c_dim} classes, this run has {training_set.label_dim} (it needs '
+                       f'--cond and {G_src.c_dim} classes in dataset.json)' if G_src.c_dim else
+                       f'the pickle is unconditional, this run has {training_set.label_dim} classes')
+    given_sizes = [f'--{option}' for option in (('cbase',) if config['model'] == 'dcgan' else SIZE_OPTIONS) if option in given]
+    line = f'networks from {os.path.basename(resume_pkl)}: {sizes}'
+    if given_sizes:
+        line += f' (given: {", ".join(given_sizes)})'
+    if untransferred:
+        counts = ', '.join(f"{key} {len(unfilled)} left at random initialisation and {len(unused)} of the pickle's unused"
+                           for key, (unfilled, unused) in untransferred.items())
+        if not config['resume_partial']:
+            first = [f'{key}.{what}' for key, (unfilled, unused) in untransferred.items() for what in unfilled + unused]
+            _fail(f'{resume_pkl}: not every tensor would transfer ({counts}: {"; ".join(first[:4])}'
+                  f'{"; ..." if len(first) > 4 else ""}){"; " + ", ".join(differs) if differs else ""}; give the pickle\'s '
+                  f'sizes, or --resume-partial to copy only the matching tensors (NVIDIA\'s behaviour)')
+        line += f'; partial transfer: {counts}'
+    return line
 
 
 def run_description(opts, config, dataset_name):
@@ -232,10 +385,22 @@ def subprocess_fn(rank, init_file, config, run_dir, progress_callback=None):
     keys = ['training_set_kwargs', 'data_loader_kwargs', 'G_class', 'D_class', 'G_kwargs', 'D_kwargs', 'G_opt_kwargs', 'D_opt_kwargs',
             'augment_kwargs', 'loss_kwargs', 'metrics', 'detector', 'random_seed', 'num_gpus', 'batch_size', 'batch_gpu', 'ema_kimg',
             'ema_rampup', 'G_reg_interval', 'D_reg_interval', 'augment_p', 'ada_target', 'ada_kimg', 'total_kimg', 'kimg_per_tick',
-            'image_snapshot_ticks', 'network_snapshot_ticks', 'resume_pkl', 'resume_mode', 'cudnn_benchmark', 'allow_tf32']
+            'image_snapshot_ticks', 'network_snapshot_ticks', 'resume_pkl', 'resume_mode', 'resume_partial', 'cudnn_benchmark',
+            'allow_tf32']
+    # One process: a stop signal raises KeyboardInterrupt at once (stop_signals_end_training). Several: each only sets
+    # its flag, and the loop stops every process at the same iteration (one raising alone would leave the others
+    # waiting in a collective); a spawned process then ends quietly and the launching process reports the stop.
+    stop = threading.Event()
+    several = config['num_gpus'] > 1
     try:
-        return training_loop(run_dir=run_dir, rank=rank, device=device, extra_d_terms=extra_d_terms,
-                             progress_callback=progress_callback, training_options=config, **{k: config[k] for k in keys})
+        with distributed.stop_signals_set(stop) if several else contextlib.nullcontext():
+            return training_loop(run_dir=run_dir, rank=rank, device=device, extra_d_terms=extra_d_terms,
+                                 progress_callback=progress_callback, training_options=config,
+                                 stop_requested=stop.is_set if several else None, **{k: config[k] for k in keys})
+    except TrainingInterrupted:
+        if several and distributed.torchrun_env() is None:
+            return None
+        raise
     finally:
         distributed.destroy_process_group()
 
@@ -256,7 +421,10 @@ def launch_training(config, run_dir, progress_callback=None):
     if config['num_gpus'] == 1:
         return subprocess_fn(0, None, config, run_dir, progress_callback)
     torch.multiprocessing.set_start_method('spawn', force=True)
-    distributed.spawn(subprocess_fn, config['num_gpus'], args=(config, run_dir))
+    received = distributed.spawn(subprocess_fn, config['num_gpus'], args=(config, run_dir),
+                                 forward_signals=(signal.SIGINT, signal.SIGTERM))
+    if received:
+        raise TrainingInterrupted(latest_snapshot(run_dir))
     return latest_snapshot(run_dir)
 
 
@@ -299,6 +467,7 @@ def launch_training(config, run_dir, progress_callback=None):
 # Transfer learning.
 @click.option('--resume',       help='Resume from a network pickle (ours or NVIDIA\'s) or a run folder (its newest snapshot)', metavar='[PKL|DIR]', type=str)
 @click.option('--resume-mode',  help='full = continue the run (progress, optimizers, p); weights = fine-tune from 0; auto = full for our snapshots', type=click.Choice(['auto', 'full', 'weights']), default='auto', show_default=True)
+@click.option('--resume-partial', help='Fine-tuning: copy the tensors whose names and shapes match, start the others from random values (NVIDIA\'s behaviour); without it, that is an error', is_flag=True)
 # Evaluation and I/O.
 @click.option('--metrics',      help='Metrics at each snapshot (comma list, or none)', metavar='LIST', type=str, default='none', show_default=True)
 @click.option('--detector',     help='Feature detector for the metrics: inception, taxon:PATH or a TorchScript path', metavar='NAME', type=str, default='inception', show_default=True)
@@ -330,6 +499,11 @@ def main(**kwargs):
         click.echo(f'Final snapshot: {final}')
 
 
+def continue_command(run_dir, data):
+    """The command line that continues the run in run_dir (its settings come from the snapshot)."""
+    return f'python train.py --run-dir {shlex.quote(run_dir)} --data {shlex.quote(data)}'
+
+
 def default_options(**overrides):
     """train.py's options as main() receives them when none is given (flags False, unset values None), updated with overrides."""
     opts = dict(main.make_context('train.py', ['--data', ''], resilient_parsing=True).params)
@@ -342,7 +516,7 @@ def default_options(**overrides):
 
 
 # When a run is continued, these describe the new invocation (where, from what, which data file) ...
-CONTINUE_INVOCATION = ('outdir', 'run_dir', 'data', 'resume', 'resume_mode', 'dry_run')
+CONTINUE_INVOCATION = ('outdir', 'run_dir', 'data', 'resume', 'resume_mode', 'resume_partial', 'dry_run')
 # ... these may be given anew (its length, what is reported, how fast it runs), else they stay as the run had them ...
 CONTINUE_MAY_CHANGE = ('kimg', 'snap', 'tick', 'metrics', 'detector', 'device', 'workers', 'nobench', 'allow_tf32')
 # ... and every other one comes from the snapshot: giving it with another value is an error.
@@ -376,8 +550,13 @@ def run_training(
     opts = dict(opts)
     if (opts['outdir'] is None) == (opts['run_dir'] is None):
         _fail('give exactly one of --outdir (new numbered run folder) or --run-dir (exact folder)')
+    if given is None:
+        defaults = default_options()
+        given = {name for name, value in opts.items() if value != defaults.get(name)}
 
     fine_tuning = None
+    fine_tune_data = None       # the pickle's contents when fine-tuning (its networks' sizes are taken)
+    continued_networks = {}     # G_kwargs and D_kwargs of the run being continued (its networks as they are)
     # Resume source: a run folder means its newest snapshot.
     if opts['resume'] is not None:
         if os.path.isdir(opts['resume']):
@@ -404,11 +583,12 @@ def run_training(
             opts['resume_mode'] = 'full' if progress is not None else 'weights'
         saved = (progress or {}).get('training_options') or {}
         if opts['resume_mode'] == 'full' and 'options' in saved:
-            if given is None:
-                defaults = default_options()
-                given = {name for name, value in opts.items() if value != defaults.get(name)}
             opts = continued_options(opts, saved['options'], given, opts['resume'])
             fine_tuning = saved.get('fine_tuning')
+            # Not rebuilt from the options: a run that fine-tuned a pickle has that pickle's sizes, not the options'.
+            continued_networks = {key: copy.deepcopy(saved[key]) for key in ('G_kwargs', 'D_kwargs') if key in saved}
+        if opts['resume_mode'] == 'weights':
+            fine_tune_data = resume_data
         del resume_data, progress
 
     # Dataset: checked once here so bad data fails in one line before anything starts.
@@ -418,8 +598,19 @@ def run_training(
         _fail(str(exc))
     if opts['cond'] and not training_set.has_labels:
         _fail(f'{opts["data"]}: --cond needs labels in dataset.json')
+    if fine_tune_data is not None and 'cond' not in given and not opts['cond']:
+        # A conditional pickle stays conditional when the dataset has labels for its classes (c_dim is one of its sizes).
+        pickle_c_dim = _pickle_generator(fine_tune_data).c_dim
+        if pickle_c_dim > 0:
+            labelled = ImageFolderDataset(path=opts['data'], use_labels=True, max_size=opts['subset'], xflip=opts['mirror'])
+            if labelled.label_dim == pickle_c_dim:
+                opts['cond'], training_set = True, labelled
 
     config = build_config(opts, training_set, fine_tuning)
+    config.update(continued_networks)
+    if fine_tune_data is not None:
+        config['networks_from'] = resume_networks(config, fine_tune_data, opts['resume'], given, training_set, opts['data'])
+    del fine_tune_data
     dataset_name = training_set.name
     run_dir = opts['run_dir'] or next_run_dir(opts['outdir'], run_description(opts, config, dataset_name))
     config['run_dir'] = run_dir
@@ -430,6 +621,8 @@ def run_training(
     click.echo(f'Dataset:             {opts["data"]} ({len(training_set)} images, {training_set.resolution} px, {training_set.num_channels} ch)')
     click.echo(f'Model:               {config["model"]} on {config["device"]}, {config["num_gpus"]} process(es), batch {config["batch_size"]}')
     click.echo(f'Augmentations:       {describe_augment(config["augment_kwargs"]) if config["augment_kwargs"] else "none"}')
+    if config.get('networks_from'):
+        click.echo(config['networks_from'])
     if opts['dry_run']:
         click.echo('Dry run; exiting.')
         return None
@@ -441,11 +634,18 @@ def run_training(
     del training_set
 
     # SIGTERM behaves like Ctrl-C: the loop writes a snapshot before exiting.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        return launch_training(config, run_dir, progress_callback)
+        with stop_signals_end_training():
+            return launch_training(config, run_dir, progress_callback)
     except TrainingInterrupted as exc:
-        raise click.ClickException(f'{exc}; continue with: python train.py --run-dir {run_dir} --data {opts["data"]}') from None
+        raise click.ClickException(f'{exc}; continue with: {continue_command(run_dir, opts["data"])}') from None
+    except KeyboardInterrupt:
+        # Stopped outside the loop's steps (while the networks were being built): nothing new to save.
+        snapshot = latest_snapshot(run_dir)
+        if snapshot is None:
+            raise click.ClickException('interrupted before the first snapshot: nothing to continue from') from None
+        raise click.ClickException(f'interrupted; newest snapshot {snapshot}; continue with: '
+                                   f'{continue_command(run_dir, opts["data"])}') from None
     except TrainingDivergedError as exc:
         raise click.ClickException(f'training diverged: {exc}') from None
     except (DatasetError, NetworkPickleError, DetectorError, MetricError, ValueError) as exc:

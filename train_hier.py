@@ -3,7 +3,8 @@
 import copy
 import functools
 import os
-import signal
+import shlex
+import sys
 
 import click
 
@@ -12,7 +13,7 @@ from stylegan2ada import distributed
 from stylegan2ada.dataset import DatasetError, ImageFolderDataset
 from stylegan2ada.metrics import metric_main
 from stylegan2ada.metrics.detectors import DetectorError, resolve_detector
-from stylegan2ada.pickles import NetworkPickleError
+from stylegan2ada.pickles import NetworkPickleError, load_network_pkl
 from stylegan2ada.training_loop import TrainingDivergedError, TrainingInterrupted
 from taxogan_ext import hierarchy, report, taxonomy
 
@@ -50,7 +51,11 @@ def stage_train_opts(
 
 
 def stage_config(stage, run_dir, start_pkl):
-    """train.py's config dict of one stage; ClickException for data or options train.py refuses."""
+    """train.py's config dict of one stage; ClickException for data or options train.py refuses.
+
+    A stage that starts from a pickle takes its networks' sizes (unless the stage's options give them) and must be able
+    to copy every tensor of it (unless --resume-partial); config['networks_from'] then says which sizes were used.
+    """
     opts = stage_train_opts(stage, run_dir, start_pkl)
     try:
         training_set = ImageFolderDataset(path=opts['data'], use_labels=opts['cond'], max_size=opts['subset'], xflip=opts['mirror'])
@@ -59,6 +64,10 @@ def stage_config(stage, run_dir, start_pkl):
     if opts['cond'] and not training_set.has_labels:
         raise click.ClickException(f'{opts["data"]}: the conditional method needs class labels in dataset.json')
     config = train.build_config(opts, training_set)
+    if start_pkl is not None and os.path.isfile(start_pkl):     # before the start stage is trained, a folder: checked then
+        # The plan decides whether a stage is conditional: a pickle of other labels is refused (or partial), not followed.
+        config['networks_from'] = train.resume_networks(config, load_network_pkl(start_pkl), start_pkl, set(stage.train_options),
+                                                        training_set, opts['data'])
     for key, value in stage.overrides.items():
         if key == 'ema_kimg' and opts['model'] == 'dcgan':
             continue                    # the baseline has no G_ema of its own (half-life 0 by design)
@@ -71,13 +80,15 @@ def stage_config(stage, run_dir, start_pkl):
 def train_stage(stage, run_dir, resume_snapshot, start_pkl, progress_callback):
     """Train one stage with train.py's engine; an interrupted stage continues from its newest snapshot."""
     config = stage_config(stage, run_dir, start_pkl)
+    if config.get('networks_from'):
+        click.echo(f'stage {stage.key}: {config["networks_from"]}')
     if resume_snapshot is not None:
         # The config is the stage's original one (fine-tuning settings included); only the pickle and mode change.
         config['resume_pkl'], config['resume_mode'] = resume_snapshot, 'full'
     try:
         return train.launch_training(config, run_dir, progress_callback)
     except TrainingInterrupted as exc:
-        raise click.ClickException(f'stage {stage.key}: {exc}; run the same command again to resume') from None
+        raise click.ClickException(f'stage {stage.key}: {exc}; {continue_hint()}') from None
     except TrainingDivergedError as exc:
         raise click.ClickException(f'stage {stage.key}: training diverged: {exc}') from None
     except (DatasetError, NetworkPickleError, DetectorError, metric_main.MetricError, ValueError) as exc:
@@ -94,8 +105,11 @@ def pick_device(device):
     return device
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def continue_hint():
+    """'continue with: python train_hier.py ...' (this command line), or a plain hint when not run as a script."""
+    if os.path.basename(sys.argv[0]) == 'train_hier.py':
+        return f'continue with: python {shlex.join(sys.argv)}'
+    return 'run the same command again to continue'
 
 
 @click.command(context_settings=dict(max_content_width=120))
@@ -115,7 +129,7 @@ def _raise_keyboard_interrupt(signum, frame):
 @click.option('--resume',       help='Start the plan from this pickle (ours or NVIDIA\'s) instead of from scratch', metavar='PKL', type=str, default=None)
 @click.option('--ema-kimg',     help='Half-life of G_ema in every stage  [default: from --cfg]; short runs need one shorter than their kimg', metavar='KIMG', type=click.FloatRange(min=0), default=None)
 # Evaluation and I/O.
-@click.option('--metrics',      help='Metrics of each stage\'s final network (comma list)', metavar='LIST', type=str, default='fid50k_full,kid50k_full', show_default=True)
+@click.option('--metrics',      help='Metrics of each stage\'s final network (comma list, or none: train without evaluating)', metavar='LIST', type=str, default='fid50k_full,kid50k_full', show_default=True)
 @click.option('--snap-metrics', help='Metrics at every snapshot during training (train.py --metrics)', metavar='LIST', type=str, default='none', show_default=True)
 @click.option('--cache',        help='Detector and real-feature cache  [default: $TAXOGAN_CACHE or ~/.cache/taxogan]', metavar='DIR', type=str, default=None)
 @click.option('--report/--no-report', help='Write table.md, table.csv, grids and curves at the end', default=True, show_default=True)
@@ -142,7 +156,10 @@ def main(**kwargs):
     train_opts = {name: opts[name] for name in names if opts[name] != defaults[name]}
     if opts['snap_metrics'] not in (None, '', 'none'):
         train_opts['metrics'] = opts['snap_metrics']
-    metrics = hierarchy.parse_list(opts['metrics'])
+    try:
+        metrics = hierarchy.parse_metrics(opts['metrics'])
+    except hierarchy.PlanError as exc:
+        raise click.ClickException(str(exc)) from None
     c = dict(datasets=opts['datasets'], outdir=opts['outdir'], method=opts['method'] or ('direct' if opts['resume'] else 'descending'),
              targets=opts['targets'], parent=opts['parent'], depth=opts['depth'], donor=opts['donor'], resume=opts['resume'],
              kimg_parent=opts['kimg_parent'], kimg_child=opts['kimg_child'], cond_finetune=opts['cond_finetune'],
@@ -157,8 +174,6 @@ def main(**kwargs):
 
 def run(c):
     """Build the plan from config dict c; print it (dry run) or train, evaluate and report it."""
-    if not c['metrics']:
-        raise click.ClickException('--metrics is empty')
     if distributed.torchrun_env() is not None:
         # Stages run one after another in one driver; its bookkeeping is not shared between torchrun processes.
         raise click.ClickException('train_hier.py does not run under torchrun: use --gpus N on one machine, or train.py '
@@ -183,13 +198,20 @@ def run(c):
             hierarchy.write_derived_zip(stage.derived)
         stage_config(stage, os.path.join(c['outdir'], stage.key), stage.start if stage.start_kind == 'pickle' else
                      (os.path.join(c['outdir'], stage.start) if stage.start_kind == 'stage' else None))
-    _ = resolve_detector(c['detector'], cache_dir=c['cache']).id   # finds (or downloads) and hashes it now
+    if c['metrics'] or hierarchy.parse_list(c['train_options'].get('metrics')):
+        _ = resolve_detector(c['detector'], cache_dir=c['cache']).id   # finds (or downloads) and hashes it now
 
     device = pick_device(c['device'])
     evaluate = functools.partial(hierarchy.evaluate_pickle, device=device, cache_dir=c['cache'], progress=c['progress'])
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)     # SIGTERM stops like Ctrl-C: a snapshot is written
-    hierarchy.run_plan(plan, manifest, train_stage, c['metrics'], c['detector'], evaluate_fn=evaluate, log=click.echo,
-                       progress=c['progress'])
+    # SIGINT and SIGTERM (to the whole process group: timeout, scancel, docker stop) stop the running stage, which writes
+    # a snapshot; finished stages are kept, and the same command continues.
+    try:
+        with train.stop_signals_end_training():
+            hierarchy.run_plan(plan, manifest, train_stage, c['metrics'], c['detector'], evaluate_fn=evaluate, log=click.echo,
+                               progress=c['progress'])
+    except KeyboardInterrupt:
+        raise click.ClickException(f'interrupted outside training (finished stages and evaluations are kept); '
+                                   f'{continue_hint()}') from None
     if c['report']:
         for path in report.write_report(c['outdir'], device=device):
             click.echo(f'wrote {path}')

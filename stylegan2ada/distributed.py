@@ -1,7 +1,10 @@
 """Process groups for multi-process training: gloo on CPU, nccl on CUDA; spawned locally or under torchrun."""
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
 
 import torch
 
@@ -66,11 +69,53 @@ def all_reduce_sum_(tensor):
     return tensor
 
 
-def spawn(fn, num_processes, args=()):
-    """Run fn(rank, init_file, *args) in num_processes processes (or inline for one)."""
+def spawn(
+    fn,                         # fn(rank, init_file, *args), run in each process
+    num_processes,              # number of processes; 1 = run fn inline
+    args            = (),       # further arguments of fn
+    forward_signals = (),       # signals that, while the processes run, are passed on to them as SIGTERM
+):
+    """Run fn in num_processes processes (or inline for one); returns the forwarded signals received (a list)."""
     if num_processes <= 1:
-        return fn(0, None, *args)
+        fn(0, None, *args)
+        return []
+    received = []
     with tempfile.TemporaryDirectory() as temp_dir:
         init_file = os.path.join(temp_dir, '.torch_distributed_init')
-        torch.multiprocessing.spawn(fn=fn, args=(init_file, *args), nprocs=num_processes)
-    return None
+        context = torch.multiprocessing.start_processes(fn, args=(init_file, *args), nprocs=num_processes, join=False,
+                                                        start_method='spawn')
+
+        def forward(signum, frame):
+            # `kill PID` of this process alone must still stop the training processes (at their next agreed check);
+            # after a signal to the whole group they get it twice, which changes nothing.
+            received.append(signum)
+            for pid in context.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, forward) for sig in forward_signals} if main_thread else {}
+        try:
+            while not context.join():
+                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return received
+
+
+@contextlib.contextmanager
+def stop_signals_set(
+    event,                      # threading.Event set by the first SIGINT or SIGTERM
+):
+    """Within the block SIGINT and SIGTERM only set `event`: a process of a multi-process run stops when all agree."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, frame: event.set()) for sig in stop_signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

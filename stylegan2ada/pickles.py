@@ -218,6 +218,33 @@ def _convert(value, path):
 # ----------------------------------------------------------------------------
 # Public API.
 
+def module_tensors(module):
+    """name -> tensor of a module's parameters and buffers (what a transfer by name copies)."""
+    return dict(module.named_parameters()) | dict(module.named_buffers())
+
+
+def tensor_mismatches(
+    src,    # module whose tensors would be copied (e.g. a pickle's network)
+    dst,    # module they would be copied into
+):
+    """What a copy by name and shape leaves undone: (dst tensors src cannot fill, src tensors dst has no place for).
+
+    Both are lists of one-line descriptions ('mapping.fc0.weight [64, 128], pickle [64, 64]'), in dst's and src's order.
+    """
+    src_tensors, dst_tensors = module_tensors(src), module_tensors(dst)
+    unfilled, unused = [], []
+    for name, tensor in dst_tensors.items():
+        other = src_tensors.get(name)
+        if other is None:
+            unfilled.append(f'{name} {list(tensor.shape)} (not in the pickle)')
+        elif other.shape != tensor.shape:
+            unfilled.append(f'{name} {list(tensor.shape)}, pickle {list(other.shape)}')
+    for name, tensor in src_tensors.items():
+        if name not in dst_tensors:
+            unused.append(f'{name} {list(tensor.shape)} (pickle only)')
+    return unfilled, unused
+
+
 def load_network_pkl(
     path_or_file,           # file path, or a binary file object
     device = None,          # move modules there; None = keep on CPU

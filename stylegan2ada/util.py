@@ -1,12 +1,53 @@
-"""Small shared helpers: atomic file writes and human-readable durations."""
+"""Small shared helpers: atomic file writes (with the permissions open() gives), DataLoader workers that leave stop
+signals to the main process, and human-readable durations."""
 
 import contextlib
+import functools
 import json
 import os
+import signal
 import tempfile
+import threading
 
 # atomic_write's temporary files are named TEMP_PREFIX + final name + random suffix (see remove_stale_temp_files).
 TEMP_PREFIX = '.tmp-'
+
+
+def current_umask():
+    """The process's umask, read without changing it where the system allows (Linux: /proc/self/status)."""
+    # os.umask can only be read by setting it; other threads creating files meanwhile would get the temporary value.
+    try:
+        with open('/proc/self/status', encoding='ascii', errors='replace') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode():
+    """Permission bits open() gives a new file: 0o666 minus the umask."""
+    return 0o666 & ~current_umask()
+
+
+def make_temp_file(
+    folder,             # where to create it (the final file's folder, so that the rename stays on one file system)
+    prefix,             # start of the random name
+    suffix  = '',       # end of the random name
+):
+    """tempfile.mkstemp, but with the permissions open() would give; returns (fd, path)."""
+    # mkstemp makes 0o600 files, and a rename keeps the mode: on a shared disk, colleagues could not read the result.
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    try:
+        os.fchmod(fd, new_file_mode())
+    except BaseException:
+        os.close(fd)
+        os.remove(path)
+        raise
+    return fd, path
 
 
 @contextlib.contextmanager
@@ -15,11 +56,14 @@ def atomic_write(
     mode    = 'w',      # 'w' (text, UTF-8) or 'wb'
     fsync   = False,    # flush to disk before the rename (for large, precious files)
 ):
-    """Open a temporary file beside `path` for writing; rename it over `path` only if the block succeeds."""
+    """Open a temporary file beside `path` for writing; rename it over `path` only if the block succeeds.
+
+    The final file gets the permissions open() would give (0o666 minus the umask).
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'{TEMP_PREFIX}{os.path.basename(path)}.', dir=folder)
+    fd, tmp = make_temp_file(folder, prefix=f'{TEMP_PREFIX}{os.path.basename(path)}.')
     try:
         with os.fdopen(fd, mode, **({} if 'b' in mode else {'encoding': 'utf-8', 'newline': ''})) as f:
             yield f
@@ -54,6 +98,38 @@ def write_json_atomic(path, data, indent=2):
     with atomic_write(path) as f:
         json.dump(data, f, indent=indent, ensure_ascii=False)
         f.write('\n')
+
+
+def _exit_on_sigterm_from(parent_pid):
+    """A worker's watcher thread: take SIGTERM synchronously; exit when the parent sent it (or the parent is gone)."""
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent_pid or os.getppid() != parent_pid:
+            os._exit(0)
+
+
+def _leave_stop_signals_to_parent(worker_init_fn, worker_id):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)       # the main process never stops its workers with SIGINT
+    if hasattr(signal, 'sigwaitinfo'):
+        # SIGTERM is also how the main process ends workers that do not stop by themselves (multiprocessing's
+        # terminate(), at the latest when it exits), so it cannot be ignored outright: only the sender tells that one
+        # from a signal to the whole group. Blocked here (threads started later inherit the mask) and taken by one
+        # thread, which sees the sender.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), name='sigterm-watch', daemon=True).start()
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
+
+
+def worker_init_ignoring_stop_signals(
+    worker_init_fn  = None,     # the DataLoader's own worker_init_fn, run afterwards; None = none
+):
+    """A DataLoader worker_init_fn after which each worker ignores SIGINT, and SIGTERM unless the main process sends it."""
+    # Ctrl-C, timeout, scancel and (with an init) docker stop signal every process of the job. A worker that died of it
+    # would make the main process fail (DataLoader worker killed by signal) while it writes its final snapshot; so the
+    # workers leave these signals to the main process, which writes the snapshot and then ends them. A partial of
+    # module-level functions pickles, so this works with the spawn start method too.
+    return functools.partial(_leave_stop_signals_to_parent, worker_init_fn)
 
 
 def format_duration(seconds):

@@ -28,6 +28,7 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.util.retry import Retry
 
+from stylegan2ada.util import make_temp_file
 from taxogan_ext import taxonomy
 
 DEFAULT_RANK_COLS = ('phylum_name', 'class_name', 'order_name', 'family_name', 'genus_name', 'species_name')
@@ -338,7 +339,7 @@ def download(
     with response:
         if response.status_code != 200:
             raise OSError(f'HTTP {response.status_code} {response.reason or ""}'.strip())
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f'.{target.name}.', suffix='.tmp')
+        fd, tmp = make_temp_file(cache_dir, prefix=f'.{target.name}.', suffix='.tmp')
         try:
             with os.fdopen(fd, 'wb') as f:
                 for chunk in response.iter_content(chunk_size=1 << 16):
@@ -451,6 +452,30 @@ def hamming(a: int, b: int) -> int:
     """Number of differing bits of two hashes."""
     return bin(a ^ b).count('1')
 
+POPCOUNT_IMPLS = ('auto', 'ref', 'numpy', 'bytes')
+
+def popcount64(
+    values:     np.ndarray,             # uint64 array of any shape
+    impl:       str = 'auto',           # 'ref' (Python ints), 'numpy' (np.bitwise_count, NumPy >= 2), 'bytes' (any NumPy);
+                                        # 'auto' = numpy where available, else bytes
+) -> np.ndarray:
+    """Number of set bits of each element (int64, same shape), on NumPy 1 and 2."""
+    values = np.asarray(values, dtype=np.uint64)
+    if impl == 'auto':
+        impl = 'numpy' if hasattr(np, 'bitwise_count') else 'bytes'
+    if impl == 'ref':
+        return np.array([bin(int(v)).count('1') for v in values.reshape(-1)], dtype=np.int64).reshape(values.shape)
+    if impl == 'numpy':
+        if not hasattr(np, 'bitwise_count'):
+            raise ValueError(f'popcount64: impl numpy needs NumPy >= 2.0 (this is {np.__version__}); use bytes or auto')
+        return np.bitwise_count(values).astype(np.int64)
+    if impl == 'bytes':
+        # Each uint64 as 8 bytes, each byte's count from a 256-entry table.
+        table = np.array([bin(i).count('1') for i in range(256)], dtype=np.int64)
+        as_bytes = np.ascontiguousarray(values).view(np.uint8).reshape(values.shape + (8,))      # [..., 8]
+        return table[as_bytes].sum(axis=-1)
+    raise ValueError(f'popcount64: impl {impl!r} is not one of {", ".join(POPCOUNT_IMPLS)}')
+
 def process_image(task: dict) -> dict:
     """Decode, check and transform one image, writing the staged PNG; returns what the build needs to know."""
     out = dict(index=task['index'])
@@ -520,7 +545,7 @@ def write_zip(
     labels:     list | None,            # [[name, class index], ...] or None
 ) -> tuple[str, str]:
     """Write a dataset zip under a temporary name; returns (temporary path, hex SHA-256 of its bytes)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    fd, tmp = make_temp_file(path.parent, prefix=f'.{path.name}.', suffix='.tmp')   # final zip: readable by others
     os.close(fd)
     try:
         with zipfile.ZipFile(tmp, 'w') as zf:
@@ -784,7 +809,7 @@ def build_datasets(
                 _drop(dropped, record, 'duplicate', f'same pixels as {original}')
                 continue
             if near_dup_threshold >= 0 and kept_sources:
-                distances = np.bitwise_count(kept_hashes[:len(kept_sources)] ^ np.uint64(result['dhash']))
+                distances = popcount64(kept_hashes[:len(kept_sources)] ^ np.uint64(result['dhash']))
                 nearest = int(np.argmin(distances))
                 if distances[nearest] <= near_dup_threshold:
                     _drop(dropped, record, 'near_duplicate',

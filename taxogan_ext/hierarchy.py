@@ -45,8 +45,9 @@ PLAN_FORMAT     = 'taxogan-plan/1'
 # train.py options that change how a run is reported or scheduled, not the network it produces:
 # changing them never makes a finished stage stale.
 NON_RESULT_OPTIONS = ('snap', 'tick', 'workers', 'nobench', 'metrics', 'detector', 'device')
-# Options that only make sense when a stage starts from a trained network (Freeze-D on a random D freezes noise).
-FINETUNE_ONLY_OPTIONS = ('freezed',)
+# Options that only make sense when a stage starts from a trained network (Freeze-D on a random D freezes noise;
+# a partial transfer needs something to transfer from).
+FINETUNE_ONLY_OPTIONS = ('freezed', 'resume_partial')
 
 #----------------------------------------------------------------------------
 
@@ -141,6 +142,13 @@ def parse_list(text) -> list[str]:
         return []
     items = text.split(',') if isinstance(text, str) else list(text)
     return [item.strip() for item in items if item and item.strip()]
+
+def parse_metrics(text, option: str = '--metrics') -> list[str]:
+    """Metric names of a comma list; 'none' (or nothing) = no evaluation, as train.py's --metrics none."""
+    names = parse_list(text)
+    if 'none' in names and len(names) > 1:
+        raise PlanError(f'{option} {text}: none means no metrics and cannot be combined with metric names')
+    return [] if names == ['none'] else names
 
 def default_donor(manifest, target: str) -> str | None:
     """The taxon with the most images among the target's parent's children (ties: first by name)."""
@@ -420,7 +428,12 @@ def detector_identity(detector) -> str | None:
 
 
 def _evaluated_taxa(records, stage_key, fp, metrics, detector, detector_id) -> set[str]:
-    """Taxa for which results hold a record of this stage (these inputs) with these metrics and this detector."""
+    """Taxa for which results hold a record of this stage (these inputs) with these metrics and this detector.
+
+    With no metrics asked for (--metrics none), any record of the stage's inputs will do: a record without metrics
+    must not be written after, and so hide in the report, one that has them."""
+    if not metrics:
+        return {r['taxon'] for r in records if r.get('stage') == stage_key and r.get('fingerprint') == fp}
     return {r['taxon'] for r in records
             if r.get('stage') == stage_key and r.get('fingerprint') == fp and r.get('requested_metrics') == list(metrics)
             and r.get('detector') == detector and (detector_id is None or r.get('detector_id') == detector_id)}
@@ -484,7 +497,7 @@ def final_sha256(outdir, stage_key: str) -> str | None:
 def plan_states(plan: Plan, records, metrics, detector, read_progress=True, detector_id=None) -> dict[str, StageState]:
     """StageState of every stage, in plan order, as the dry run shows them (detector_id: detector_identity's, if known)."""
     states = {}
-    detector_id = detector_id or detector_identity(detector)
+    detector_id = detector_id or (detector_identity(detector) if metrics else None)
     for stage in plan.stages:
         if stage.start_kind == 'scratch':
             ready, sha = True, None
@@ -661,7 +674,7 @@ def run_plan(
     with experiment_lock(outdir):
         write_json_atomic(outdir / PLAN_FILE, plan.to_dict())
         records = read_results(results_path)
-        detector_id = detector_identity(detector)
+        detector_id = detector_identity(detector) if metrics else None
         states = plan_states(plan, records, metrics, detector, detector_id=detector_id)
         todo = [s for s in plan.stages if states[s.key].status in ('todo', 'rerun', 'resume', 'waiting')]
         total_kimg = sum(max(s.kimg - states[s.key].done_kimg, 0) for s in todo)
@@ -737,17 +750,23 @@ def run_plan(
                 for ev in stage.evaluations:
                     if ev.taxon in evaluated:
                         continue        # evaluated already (a conditional stage evaluates several taxa)
-                    if ev.derived is not None:
-                        write_derived_zip(ev.derived)
-                    log(f'{header}: evaluating {", ".join(metrics)} on {ev.taxon} ({ev.num_images} real images)')
                     t0 = time.time()
-                    out = evaluate_fn(state.final_pkl, ev, metrics, detector, run_dir=str(folder))
+                    if not metrics:
+                        # --metrics none: a record without figures, so that the report lists the stage and its network.
+                        log(f'{header}: {ev.taxon}: not evaluated (no metrics asked for)')
+                        out = dict(metrics={}, detector_id=None, num_real=None, num_gen=None, extra={})
+                    else:
+                        if ev.derived is not None:
+                            write_derived_zip(ev.derived)
+                        log(f'{header}: evaluating {", ".join(metrics)} on {ev.taxon} ({ev.num_images} real images)')
+                        out = evaluate_fn(state.final_pkl, ev, metrics, detector, run_dir=str(folder))
                     record = dict(
                         format=RESULTS_FORMAT, experiment=experiment, stage=stage.key, taxon=ev.taxon, method=stage.method,
                         source=stage.source, origin=stage.origin, chain=list(stage.chain), trained_on=stage.taxon,
                         num_images=ev.num_images, train_images=stage.num_images, kimg=stage.kimg, cond=stage.cond,
                         fingerprint=state.fingerprint, pkl=os.path.relpath(state.final_pkl, outdir), data=ev.data,
-                        datasets=plan.datasets, requested_metrics=metrics, detector=detector, detector_id=detector_id or out.get('detector_id'),
+                        datasets=plan.datasets, requested_metrics=metrics, detector=detector if metrics else None,
+                        detector_id=detector_id or out.get('detector_id'),
                         metrics=out['metrics'], num_real=out.get('num_real'), num_gen=out.get('num_gen'),
                         extra=out.get('extra', {}),
                         train_options=stage.train_options, overrides=stage.overrides, train_seconds=stage_record.get('train_seconds'),
@@ -758,7 +777,8 @@ def run_plan(
                     records.append(record)
                     appended.append(record)
                     evaluated.add(ev.taxon)
-                    log(f'{header}: {ev.taxon}: ' + ', '.join(f'{k} {v:.4g}' for k, v in out['metrics'].items()))
+                    if metrics:
+                        log(f'{header}: {ev.taxon}: ' + ', '.join(f'{k} {v:.4g}' for k, v in out['metrics'].items()))
     return appended
 
 #----------------------------------------------------------------------------

@@ -154,6 +154,8 @@ def _fmt(value, digits=3) -> str:
 def _cell(record) -> str:
     if record is None:
         return '-'
+    if not record.get('metrics'):
+        return 'not evaluated'
     _, fid = metric_value(record, 'fid')
     _, kid = metric_value(record, 'kid')
     return f'{_fmt(fid)} / {_fmt(None if kid is None else kid * 100)}'
@@ -176,7 +178,7 @@ def _images_of(records, taxon):
 def _metric_summary(records, cells='Cells are FID / KID x 100.') -> str:
     fids = sorted({metric_value(r, 'fid')[0] for r in records} - {None})
     kids = sorted({metric_value(r, 'kid')[0] for r in records} - {None})
-    detectors = sorted({detector_label(r.get('detector')) for r in records})
+    detectors = sorted({detector_label(r.get('detector')) for r in records if r.get('metrics')}) or ['none']
     return f'Metrics: {", ".join(fids + kids) or "none"}; detector: {", ".join(detectors)}. {cells}'.rstrip()
 
 def _detector_note(records) -> list[str]:
@@ -224,11 +226,18 @@ def hier_markdown(records, title='Results') -> str:
             cells = [_fmt(metric_value(t['cells'][(taxon, k)], 'acc')[1]) if (taxon, k) in t['cells'] else '-'
                      for k in t['columns']]
             lines.append(f'| {taxon} | ' + ' | '.join(cells) + ' |')
+    unevaluated = [r for r in records if not r.get('metrics')]
+    if unevaluated:
+        # Trained with --metrics none: say which network each cell stands for, so that it can be evaluated later.
+        lines += ['', 'Not evaluated (--metrics none): the stages and their final snapshots.', '',
+                  '| stage | chain | kimg | snapshot |', '|---|---|---|---|']
+        for r in sorted(unevaluated, key=lambda r: r['stage']):
+            lines.append(f'| {r["stage"]} | {chain_label(r)} | {r.get("kimg", 0):g} | {r.get("pkl") or "-"} |')
     lines += [''] + _detector_note(records) + ['', _provenance(records), '']
     return '\n'.join(lines)
 
 CSV_FIELDS = ('taxon', 'images', 'column', 'method', 'source', 'origin', 'stage', 'kimg', 'detector', 'fid_metric', 'fid',
-              'kid_metric', 'kid_x100', 'acc_metric', 'acc', 'paper_fid_inception', 'paper_kid_x100_inception', 'date')
+              'kid_metric', 'kid_x100', 'acc_metric', 'acc', 'paper_fid_inception', 'paper_kid_x100_inception', 'date', 'snapshot')
 
 def hier_csv_rows(records) -> list[dict]:
     """One CSV row per (taxon, column) with a result."""
@@ -248,7 +257,7 @@ def hier_csv_rows(records) -> list[dict]:
                             fid_metric=fid_name or '', fid=fid, kid_metric=kid_name or '',
                             kid_x100=None if kid is None else kid * 100,
                             acc_metric=acc_name or '', acc=acc, paper_fid_inception=ref[0] if ref else None,
-                            paper_kid_x100_inception=ref[1] if ref else None, date=r.get('date')))
+                            paper_kid_x100_inception=ref[1] if ref else None, date=r.get('date'), snapshot=r.get('pkl')))
     return out
 
 #----------------------------------------------------------------------------

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-GOLDEN_DIR = Path(os.environ.get('TAXOGAN_GOLDEN', Path(__file__).resolve().parents[1].parent / 'shared' / 'golden'))
+# The reference tensors live in the repository (tests/data/golden, see its README.md), so that every clone tests parity;
+# TAXOGAN_GOLDEN points the tests at another copy.
+GOLDEN_DIR = Path(os.environ.get('TAXOGAN_GOLDEN') or Path(__file__).resolve().parent / 'data' / 'golden')
 
 
 @pytest.fixture(autouse=True)
@@ -20,22 +22,24 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
-def _require_golden():
-    if not (GOLDEN_DIR / 'golden.json').is_file():
-        pytest.skip(f'golden reference data not found at {GOLDEN_DIR} (set TAXOGAN_GOLDEN)')
+def golden_file(name):
+    """Path of one golden reference file; a missing file fails the test (a skip would hide that parity went untested)."""
+    path = GOLDEN_DIR / name
+    if not path.is_file():
+        pytest.fail(f'golden reference file {path} is missing (restore tests/data/golden from the repository, or point '
+                    f'TAXOGAN_GOLDEN at a folder that holds it)', pytrace=False)
+    return path
 
 
 @pytest.fixture(scope='session')
 def golden_spec():
     """golden.json: constructor kwargs of the cases and the op settings."""
-    _require_golden()
-    return json.loads((GOLDEN_DIR / 'golden.json').read_text())
+    return json.loads(golden_file('golden.json').read_text())
 
 
 def load_golden_case(name):
     """(G state dict, D state dict, io dict) of one golden case, as torch tensors."""
-    _require_golden()
-    data = np.load(GOLDEN_DIR / f'{name}.npz')
+    data = np.load(golden_file(f'{name}.npz'))
     split = {'G.': {}, 'D.': {}, 'io.': {}}
     for key in data.files:
         for prefix, out in split.items():
@@ -46,8 +50,7 @@ def load_golden_case(name):
 
 def load_golden_ops():
     """ops.npz as torch tensors."""
-    _require_golden()
-    data = np.load(GOLDEN_DIR / 'ops.npz')
+    data = np.load(golden_file('ops.npz'))
     return {k: torch.from_numpy(data[k].copy()) for k in data.files}
 
 

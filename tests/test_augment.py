@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from stylegan2ada.augment import PRESETS, TRANSFORMS, AugmentPipe, grid_sample_bilinear
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from stylegan2ada.augment import PRESETS, TRANSFORMS, AugmentPipe, grid_sample_bilinear, resample_affine
+from stylegan2ada.ops import default_impl
 
 
 @pytest.fixture(autouse=True)
@@ -409,3 +413,223 @@ def test_grid_sample_matches_torch():
     g_ref, = torch.autograd.grad((ref * w).sum(), x)
     assert torch.allclose(g_ours, g_ref, atol=1e-12)
     assert torch.autograd.gradgradcheck(lambda t: grid_sample_bilinear(t, grid), (x,))
+
+
+#----------------------------------------------------------------------------
+# Static shapes, no host synchronisation (issue 11): every sample runs through every enabled stage,
+# untouched samples are selected back bit-exactly, and nothing reads device values on the host.
+
+SYNC_OPS = ('aten._local_scalar_dense', 'aten.nonzero', 'aten.is_nonzero', 'aten.masked_select', 'aten.item')
+
+
+class RecordOps(TorchDispatchMode):
+    """Record (op name, input shapes) and the devices of every tensor each dispatched op reads or returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []                                             # [(name, shapes)]
+        self.devices = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        self.calls.append((str(func), tuple(tuple(t.shape) for t in inputs)))  # e.g. aten.mul.Tensor
+        self.devices.update(t.device.type for t in inputs + outputs)
+        return out
+
+
+def run_r1_like(pipe, x, probe):
+    """Forward, a gradient w.r.t. the images with create_graph, and a second backward (what R1 does)."""
+    x = x.detach().requires_grad_()
+    out = pipe(x)
+    grad, = torch.autograd.grad((out.tanh() * probe).sum(), x, create_graph=True)
+    grad.square().sum().backward()
+    return out
+
+
+@pytest.mark.parametrize('preset', ['bgc', 'bgcfnc'])
+@pytest.mark.parametrize('impl', ['ref', 'fast'])
+def test_shapes_do_not_depend_on_the_draw(preset, impl):
+    # A pipe that works on a random subset per stage, or pads by a margin that follows the draw, gives its
+    # convolutions new shapes on every call (cuDNN's benchmark mode re-tunes each time). Two draws must
+    # dispatch the very same ops on the very same shapes, forward and both backward passes.
+    x = rand_images(8, size=32)
+    pipe = make_pipe(0.5, **PRESETS[preset])
+    pipe.skip_at_p0 = False                                         # no host read of p (as on a GPU)
+    traces, outputs = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        probe = rand_images(8, size=32, seed=seed + 10).requires_grad_()
+        with default_impl(impl), RecordOps() as rec:
+            outputs.append(run_r1_like(pipe, x, probe).detach())
+        traces.append(rec.calls)
+        assert not [c for c in rec.calls if c[0].startswith(SYNC_OPS)], preset
+    assert not torch.equal(outputs[0], outputs[1])                  # two different draws
+    assert any(name.startswith('aten.convolution') for name, _ in traces[0])
+    assert traces[0] == traces[1]
+
+
+@pytest.mark.parametrize('preset', ['bgc', 'bgcfnc'])
+@pytest.mark.parametrize('debug_percentile', [None, 0.3])
+def test_no_data_dependent_ops_on_the_meta_device(preset, debug_percentile):
+    # Meta tensors have shapes but no values: any op that needs a value on the host (.item(), float(p),
+    # .tolist(), nonzero, boolean masks, a Python `if` on a tensor) raises. Every tensor the pass touches
+    # stays on meta, so nothing is copied from the host either (torch.tensor(list, device=...) would
+    # show up as a CPU tensor).
+    pipe = make_pipe(0.5, **PRESETS[preset]).to('meta')
+    x = torch.empty(8, 3, 32, 32, device='meta')
+    probe = torch.empty(8, 3, 32, 32, device='meta').requires_grad_()
+    with RecordOps() as rec:
+        x = x.requires_grad_()
+        out = pipe(x, debug_percentile=debug_percentile)
+        grad, = torch.autograd.grad((out.tanh() * probe).sum(), x, create_graph=True)
+        grad.square().sum().backward()
+    assert out.shape == x.shape and probe.grad.shape == x.shape
+    assert rec.devices == {'meta'}
+    assert not [c for c in rec.calls if c[0].startswith(SYNC_OPS)]
+    assert any(name.startswith('aten.grid_sampler_2d') for name, _ in rec.calls)
+
+
+def test_untouched_samples_are_bit_exact_copies():
+    # Each stage runs on every sample; the ones it did not pick are selected back from its input, so
+    # they carry no resampling or filtering round-off. Per stage alone: every sample is either exactly
+    # its input or clearly changed, and the exact ones come at the stage's rate.
+    n = 400
+    x = rand_images(n, size=8)
+    cases = [
+        (dict(scale=1, rotate=1, aniso=1, xfrac=1), 0.3, 0.7 ** 4),  # rotate: either half fires with P = p overall
+        (dict(imgfilter=1), 0.3, 0.7 ** 4),                          # 4 bands, each with probability p
+        (dict(brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1), 0.2, 0.8 ** 5),
+        (dict(noise=1, cutout=1), 0.4, 0.6 ** 2),
+    ]
+    for kwargs, p, rate in cases:
+        out = make_pipe(p, **kwargs)(x)
+        diff = (out - x).abs().flatten(1).amax(dim=1)
+        exact = diff == 0
+        assert (exact | (diff > 1e-4)).all(), kwargs                 # no near-misses from a round trip
+        assert binomial_ok(exact.sum().item(), n, rate), (kwargs, exact.sum().item())
+
+
+@pytest.mark.parametrize('impl', ['ref', 'fast'])
+def test_full_path_at_p0_is_exact_identity(impl):
+    # Where reading p is not free (p on a GPU) the pipe always runs every stage; at p = 0 it must give
+    # back the input exactly, and the gradient must be exactly the incoming one.
+    x = rand_images(6, size=16).requires_grad_()
+    w = rand_images(6, size=16, seed=1)
+    pipe = make_pipe(0.0, **PRESETS['bgcfnc'])
+    pipe.skip_at_p0 = False
+    with default_impl(impl), RecordOps() as rec:
+        out = pipe(x)
+        grad, = torch.autograd.grad((out * w).sum(), x)
+    assert out is not x and any(name.startswith('aten.grid_sampler_2d') for name, _ in rec.calls)
+    assert torch.equal(out, x)
+    assert torch.equal(grad, w)
+
+
+def test_constants_are_non_persistent_buffers():
+    # The state dict holds exactly NVIDIA's tensors (their pickles load strictly); our constants move
+    # with the module and stay exact for float64 images.
+    pipe = make_pipe(0.4, **PRESETS['bgcfnc'])
+    assert set(pipe.state_dict()) == {'p', 'Hz_geom', 'Hz_fbank'}
+    again = AugmentPipe(**pipe.init_kwargs)
+    again.load_state_dict(pipe.state_dict(), strict=True)
+    assert float(again.p) == pytest.approx(0.4)
+    moved = pipe.to('meta')
+    assert {t.device.type for t in moved.buffers()} == {'meta'}
+    assert {'colour_grey', 'colour_chroma', 'colour_cross', 'colour_offset', 'band_strength', 'band_power'} \
+        <= set(dict(moved.named_buffers()))
+    # The grey projection and its complement are exact projections in float64.
+    fresh = AugmentPipe()
+    grey, chroma = fresh.colour_grey, fresh.colour_chroma
+    assert fresh.colour_grey.dtype == torch.float64
+    assert torch.allclose(grey @ grey, grey, atol=1e-15) and torch.allclose(chroma @ chroma, chroma, atol=1e-15)
+    assert torch.allclose(fresh.colour_cross @ fresh.colour_cross, -chroma, atol=1e-15)
+
+
+#----------------------------------------------------------------------------
+# The resampling pass: reference and fast paths, the fixed margin.
+
+def random_maps(n, max_zoom_out, seed=0, dtype=torch.float64):
+    """Inverse maps [n, 3, 3]: random rotations, zoom-outs by 1 to max_zoom_out, shifts ~N(0, 1) px."""
+    g = torch.Generator().manual_seed(seed)
+    theta = (torch.rand(n, generator=g, dtype=dtype) * 2 - 1) * math.pi
+    s = torch.exp2(-torch.rand(n, generator=g, dtype=dtype) * math.log2(max_zoom_out))  # zoom in [1/max, 1]
+    G = torch.zeros(n, 3, 3, dtype=dtype)
+    G[:, 0, 0], G[:, 0, 1] = theta.cos() / s, theta.sin() / s
+    G[:, 1, 0], G[:, 1, 1] = -theta.sin() / s, theta.cos() / s
+    G[:, :2, 2] = torch.randn(n, 2, generator=g, dtype=dtype)
+    G[:, 2, 2] = 1
+    return G
+
+
+@pytest.mark.parametrize('shape', [(24, 24), (20, 23)])
+def test_resample_fast_matches_ref(shape):
+    # The fast path upsamples one period of the reflected image instead of the whole padded image; the
+    # two agree to round-off wherever the sampled footprint stays 4 px inside the W - 1 margin, in values
+    # and in gradients. Here: any rotation, zoom-out up to 1/0.9, shifts ~N(0, 1) px (the 20 x 23 footprint
+    # with its 3 px border, turned by 45 deg and zoomed out, reaches 18.8 / 0.9 + 3 < 9.5 + 19 - 4 px in y).
+    pipe = AugmentPipe()
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(32, 2, *shape, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_()
+    G = random_maps(32, 1 / 0.9)
+    ref = resample_affine(x, G, pipe.Hz_geom, pipe.geom_shift, impl='ref')
+    fast = resample_affine(x, G, pipe.Hz_geom, pipe.geom_shift, impl='fast')
+    assert ref.shape == fast.shape == x.shape
+    assert (fast - ref).abs().max() < 1e-12
+    w = torch.rand_like(ref)
+    g_ref, = torch.autograd.grad((ref * w).sum(), x)
+    g_fast, = torch.autograd.grad((fast * w).sum(), x)
+    assert (g_fast - g_ref).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize('impl', ['ref', 'fast'])
+def test_resample_gradients_of_any_order(impl):
+    # R1 differentiates twice through the pass: both paths are linear in the images with exact adjoints.
+    pipe = AugmentPipe()
+    x = rand_images(2, c=1, size=5, dtype=torch.float64)[:, :, :, :4].requires_grad_()  # 5 x 4
+    G = random_maps(2, 1.5, seed=4)
+    fn = lambda t: resample_affine(t, G, pipe.Hz_geom, pipe.geom_shift, impl=impl)
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradgradcheck(fn, (x,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('impl', ['ref', 'fast'])
+def test_resample_margin_is_the_image_size_minus_one(impl):
+    # Reflection covers W - 1 px on each side (NVIDIA's cap); further out the sampler reads zeros. Zoom a
+    # constant image out by z = 6: output pixel i reads input z (i - c) from the centre c, so the middle
+    # of the output reads reflected ones, its rim reads beyond the margin. An output pixel mixes inputs
+    # within 3z + 4 px (the downsampling filter spans +-3 output px, the upsampling one +-3 input px).
+    size, z = 32, 6
+    pipe = AugmentPipe()
+    x = torch.ones(1, 1, size, size, dtype=torch.float64)
+    G = torch.diag(torch.tensor([z, z, 1.0], dtype=torch.float64))[None]
+    out = resample_affine(x, G, pipe.Hz_geom, pipe.geom_shift, impl=impl)[0, 0]
+    c = (size - 1) / 2
+    r = (torch.arange(size, dtype=torch.float64) - c).abs() * z  # input distance from the centre, per axis
+    reach, edge = 3 * z + 4, c + size - 1                          # the padded image ends at c + W - 1
+    inner, outer = r <= edge - reach, r >= edge + reach
+    assert r[inner].max() > c + 4                                  # centred on reflected pixels
+    assert (out[inner][:, inner] - 1).abs().max() < 1e-6             # the float32 taps sum to 1 +- 2e-7
+    assert out[outer].abs().max() < 1e-6 and out[:, outer].abs().max() < 1e-6
+
+
+def test_quarter_turn_of_odd_aspect_images_is_resampled():
+    # With W - H odd a quarter turn about the centre lands between pixels: no exact blit exists, so the
+    # turn goes to the resampling pass (the only blit that does). Half turns stay exact gathers.
+    x = rand_images(64, size=12)[:, :, :, :11]                      # 12 x 11
+    out = make_pipe(rotate90=1)(x, debug_percentile=0.6)            # k = 2: a half turn, for every sample
+    assert torch.equal(out, torch.rot90(x, 2, dims=(2, 3)))
+    ys, xs = centred_grid(24)
+    img = blob(xs, ys)[:, 1:].expand(1, 1, 24, 23).float()         # smooth, 24 x 23
+    out = make_pipe(rotate90=1)(img, debug_percentile=0.3)[0, 0]   # k = 1: a quarter turn
+    # The turned image keeps its centre: output (x, y) reads input (y, -x) in centred coordinates, and with
+    # W - H = 1 that falls half a pixel between columns and rows.
+    xs_o = torch.arange(23, dtype=torch.float64) - 11
+    ys_o = torch.arange(24, dtype=torch.float64) - 11.5
+    yy, xx = torch.meshgrid(ys_o, xs_o, indexing='ij')
+    src_x, src_y = yy, -xx                                          # inverse of a +90 deg turn, centred
+    expected = torch.exp(-((src_x + 0.5 - 4) ** 2 / (2 * 3.0 ** 2) + (src_y + 2) ** 2 / (2 * 2.0 ** 2)))
+    assert out.shape == (24, 23)
+    assert (out.double() - expected)[6:-6, 6:-6].abs().max() < 0.02

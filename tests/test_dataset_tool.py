@@ -541,3 +541,30 @@ def test_exif_rotation_is_applied(tmp_path):
     staged = np.asarray(Image.open(tmp_path / 'staged.png'))
     # Upright it is 40x80 with the black half on top; the centre crop keeps rows 20..59.
     assert staged.shape == (40, 40) and (staged[:20] == 0).all() and (staged[20:] == 255).all()
+
+#----------------------------------------------------------------------------
+# NumPy 1 or 2: the near-duplicate check counts bits without np.bitwise_count (NumPy >= 2 only) where it is missing.
+
+def test_popcount_paths_agree_with_python_ints():
+    rnd = np.random.RandomState(0)
+    values = np.concatenate([rnd.randint(0, 2 ** 62, size=200, dtype=np.int64).astype(np.uint64) * np.uint64(4) + np.uint64(3),
+                             np.array([0, 1, 2 ** 63, 2 ** 64 - 1], dtype=np.uint64)]).reshape(4, 51)
+    expected = [[bin(int(v)).count('1') for v in row] for row in values]
+    impls = ['ref', 'bytes', 'auto'] + (['numpy'] if hasattr(np, 'bitwise_count') else [])
+    for impl in impls:
+        counts = collection.popcount64(values, impl=impl)
+        assert counts.shape == (4, 51) and counts.tolist() == expected, impl
+    assert collection.popcount64(np.array([], dtype=np.uint64), impl='bytes').shape == (0,)
+    with pytest.raises(ValueError, match="impl 'fast'"):
+        collection.popcount64(values, impl='fast')
+
+def test_near_duplicates_found_without_bitwise_count(tmp_path, monkeypatch):
+    # As on NumPy 1: the build must drop the same near duplicate with the same dHash distance.
+    src = tmp_path / 'photos'
+    where = _write_collection(src, lambda file, path: '/'.join(path) + '/' + file)
+    _build(['--source', str(src), '--dest', str(tmp_path / 'numpy2'), *BASE_ARGS])
+    monkeypatch.delattr(np, 'bitwise_count', raising=False)
+    _build(['--source', str(src), '--dest', str(tmp_path / 'numpy1'), *BASE_ARGS])
+    near = [{d['source']: d['detail'] for d in taxonomy.load_manifest(tmp_path / name).dropped if d['reason'] == 'near_duplicate'}
+            for name in ('numpy2', 'numpy1')]
+    assert near[0] == near[1] and list(near[1]) == [where['a_near.jpg']]

@@ -15,6 +15,7 @@ import train_hier
 from stylegan2ada.pickles import load_network_pkl
 from taxogan_ext import hierarchy
 from taxogan_ext.taxonomy import ManifestError, manifest_from_dict
+from test_pickles import nvidia_modules  # noqa: F401  (fixture)
 from training_helpers import write_zip
 
 ORDERS = {'Calanoida': 9, 'Cyclopoida': 7, 'Harpacticoida': 4, 'Siphonostomatoida': 5}
@@ -410,3 +411,81 @@ def test_retrained_detector_reevaluates_without_training(tmp_path):
     records = run()
     assert training.calls == [] and len(records) == 5
     assert {r['detector_id'] for r in records} == {hierarchy.detector_identity(str(detector))}
+
+
+def test_cli_metrics_none_trains_without_evaluating_then_evaluates_later(tmp_path):
+    _write_datasets(tmp_path / 'ds')
+    tiny = ['--cbase', '64', '--cmax', '8', '--zdim', '8', '--map', '2', '--batch', '4', '--tick', '0.008', '--snap', '1',
+            '--gamma', '0.01', '--aug', 'noaug', '--quiet', '--datasets', str(tmp_path / 'ds'), '--cache', str(tmp_path / 'cache'),
+            '--outdir', str(tmp_path / 'exp'), '--method', 'direct', '--targets', 'Harpacticoida', '--kimg-parent', '0.008']
+    runner = CliRunner()
+    # No detector is needed (this one does not exist), none is loaded, nothing is evaluated.
+    for value in ('none', ''):
+        result = runner.invoke(train_hier.main, tiny + ['--metrics', value, '--detector', str(tmp_path / 'missing.pt')])
+        assert result.exit_code == 0, result.output
+    (record,) = hierarchy.read_results(tmp_path / 'exp' / hierarchy.RESULTS_FILE)   # the second run: done, skipped
+    assert record['metrics'] == {} and record['requested_metrics'] == [] and record['pkl'] == 'Harpacticoida/network-snapshot-000000.pkl'
+    assert load_network_pkl(str(tmp_path / 'exp' / record['pkl']))['progress']['cur_nimg'] == 8
+    table = (tmp_path / 'exp' / 'table.md').read_text()
+    assert '| Harpacticoida | 4 | not evaluated |' in table
+    assert '| Harpacticoida | Harpacticoida | 0.008 | Harpacticoida/network-snapshot-000000.pkl |' in table
+    assert 'Metrics: none; detector: none.' in table
+    # Evaluating later trains nothing and replaces the row; --metrics none afterwards adds no figureless record.
+    detector = _script_detector(tmp_path / 'det.pt')
+    result = runner.invoke(train_hier.main, tiny + ['--metrics', 'fid10_full', '--detector', detector])
+    assert result.exit_code == 0, result.output
+    assert 'evaluating fid10_full on Harpacticoida' in result.output and 'training on' not in result.output
+    result = runner.invoke(train_hier.main, tiny + ['--metrics', 'none', '--detector', detector])
+    assert result.exit_code == 0 and 'done, skipped' in result.output, result.output
+    records = hierarchy.read_results(tmp_path / 'exp' / hierarchy.RESULTS_FILE)
+    assert [sorted(r['metrics']) for r in records] == [[], ['fid10_full']]
+    table = (tmp_path / 'exp' / 'table.md').read_text()
+    assert 'not evaluated' not in table and 'Not evaluated' not in table and 'fid10_full' in table
+    # none among metric names is an error in one line.
+    result = runner.invoke(train_hier.main, tiny + ['--metrics', 'fid10_full,none'])
+    assert result.exit_code == 1 and result.output.count('\n') == 1 and 'cannot be combined' in result.output, result.output
+
+
+def test_cli_resume_nvidia_pickle_of_other_sizes_at_256px(tmp_path, nvidia_modules):
+    # train_hier.py --resume <NVIDIA pickle made with channel_base 8192> on a 256 px dataset: the stage builds networks of
+    # the pickle's sizes (not --cfg auto's 16384 / 512-dim ones), says so in one line, and copies every tensor.
+    from stylegan2ada.networks import Discriminator, Generator
+    from test_pickles import _write_nvidia_pickle
+    root = tmp_path / 'ds'
+    root.mkdir()
+    data = _manifest_data()
+    data['resolution'] = 256
+    write_zip(root / 'Calanoida.zip', num_images=4, resolution=256)
+    data['taxa']['Calanoida']['sha256'] = _sha(root / 'Calanoida.zip')
+    (root / 'manifest.json').write_text(json.dumps(data))
+    g_kwargs = dict(z_dim=64, w_dim=64, c_dim=0, img_resolution=256, img_channels=3, mapping_kwargs=dict(num_layers=2),
+                    synthesis_kwargs=dict(channel_base=8192, channel_max=16, num_fp16_res=4, conv_clamp=256))
+    d_kwargs = dict(c_dim=0, img_resolution=256, img_channels=3, channel_base=8192, channel_max=16, num_fp16_res=4, conv_clamp=256,
+                    block_kwargs={}, mapping_kwargs={}, epilogue_kwargs=dict(mbstd_group_size=4))
+    torch.manual_seed(0)
+    G, D = Generator(**g_kwargs), Discriminator(**d_kwargs)
+    with torch.no_grad():
+        for tensor in list(G.parameters()) + list(D.parameters()):
+            tensor.copy_(torch.randn_like(tensor))
+    pkl = tmp_path / 'calanoida-8192.pkl'
+    _write_nvidia_pickle(pkl, G.requires_grad_(False), D.requires_grad_(False), G, dict(G_kwargs=g_kwargs, D_kwargs=d_kwargs))
+    args = ['--datasets', str(root), '--outdir', str(tmp_path / 'exp'), '--resume', str(pkl), '--targets', 'Calanoida',
+            '--kimg-child', '0.004', '--batch', '4', '--tick', '0.004', '--snap', '1', '--gamma', '0.01', '--aug', 'noaug',
+            '--glr', '1e-12', '--dlr', '1e-12', '--metrics', 'none', '--no-report', '--quiet', '--device', 'cpu']
+    result = CliRunner().invoke(train_hier.main, args)
+    assert result.exit_code == 0, result.output
+    line = ('stage from-calanoida-8192__Calanoida: networks from calanoida-8192.pkl: z_dim 64, w_dim 64, mapping 2 layers, '
+            'channel_base 8192, channel_max 16, fp16 resolutions 4, conv_clamp 256, c_dim 0, D architecture resnet')
+    assert line in result.output.splitlines(), result.output
+    stage_dir = tmp_path / 'exp' / 'from-calanoida-8192__Calanoida'
+    final = load_network_pkl(str(stage_dir / 'network-snapshot-000000.pkl'))
+    assert final['G'].init_kwargs == g_kwargs
+    for key, src in (('G', G), ('G_ema', G), ('D', D)):
+        for name, tensor in src.named_parameters():
+            assert torch.allclose(final[key].state_dict()[name], tensor, atol=1e-6, rtol=0), f'{key}.{name}'
+    assert 'kept as initialised' not in (stage_dir / 'log.txt').read_text()
+    # The same plan asking for other sizes is refused before anything trains (one line), unless --resume-partial.
+    result = CliRunner().invoke(train_hier.main, args + ['--outdir', str(tmp_path / 'other'), '--cmax', '32'])
+    assert result.exit_code == 1 and result.output.count('\n') == 1, result.output
+    assert '--cmax 32 (pickle: 16)' in result.output and '--resume-partial' in result.output
+    assert not (tmp_path / 'other' / 'from-calanoida-8192__Calanoida').exists()

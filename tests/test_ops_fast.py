@@ -106,6 +106,19 @@ def test_upfirdn2d_gradient_wrt_filter_matches_ref():
     assert_fast_matches_ref(lambda impl, x, f: ops.upfirdn2d(x, f, up=2, down=1, padding=[2, 1, 1, 2], impl=impl), [x, f])
 
 
+@pytest.mark.parametrize('kw', [dict(up=2, padding=[-3, 2, 1, -2]), dict(down=2, padding=1, flip_filter=True),
+                                dict(up=(1, 2), down=(2, 1), gain=2.5)])
+def test_upfirdn2d_fast_with_the_batch_folded_into_channels_matches_ref(kw):
+    # Few large channels on the CPU take the folded branch (the augment pipe's images at its 2x grid).
+    x = leaf(2, 3, 66, 64, seed=3)
+    fold = OP_MODULES[0]._fold_batch
+    assert fold(x) and not fold(x[:, :1, :8, :8]) and not fold(leaf(2, 64, 66, 64))
+    sym6 = torch.tensor([0.0154, 0.0035, -0.118, -0.0483, 0.491, 0.788, 0.338, -0.0726, -0.0211, 0.0447, 0.0018, -0.0078],
+                        dtype=torch.float64)
+    for f in (sym6, torch.outer(sym6[3:7], sym6[3:7])):
+        assert_fast_matches_ref(lambda impl, x: ops.upfirdn2d(x, f, impl=impl, **kw), [x])
+
+
 def test_upfirdn2d_identity_filter_pads_and_crops_exactly():
     x = torch.randn(2, 3, 5, 6)
     for padding in ([1, 2, 0, 3], [-1, 1, 2, -2], [-2, -1, 0, -1]):
@@ -302,30 +315,41 @@ def test_networks_take_the_fast_path_by_default():
     assert set(calls) == {m.__name__ for m in OP_MODULES}, calls
 
 
+def phase_gradients(
+    phase,          # 'Gmain', 'Greg', 'Dmain' or 'Dreg'
+    impl,           # ops path for every op of the networks
+    batch   = 4,    # images per phase
+    seed    = 22,   # seed of the images and latents (and, + 1, of the noise inputs)
+):
+    """Gradients {name: tensor} of one training phase of tiny_networks() with every op on path `impl`."""
+    G, D = tiny_networks()
+    G.train().requires_grad_(False)
+    D.train().requires_grad_(False)
+    module = G if phase.startswith('G') else D
+    module.requires_grad_(True)
+    loss = StyleGAN2Loss(G=G, D=D, r1_gamma=1, pl_weight=2, style_mixing_prob=0)
+    gen = torch.Generator().manual_seed(seed)
+    real = torch.rand(batch, 3, 16, 16, generator=gen) * 2 - 1
+    z = torch.randn(batch, 8, generator=gen)
+    c = torch.zeros(batch, 0)
+    torch.manual_seed(seed + 1)                                         # same noise inputs for every path
+    with ops.default_impl(impl):
+        loss.accumulate_gradients(phase=phase, real_img=real, real_c=c, gen_z=z, gen_c=c, gain=1)
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_phase_gradients_close(grads, ref):
+    """Every gradient within 1e-5 of the largest of the module (some R1 gradients, e.g. biases, are pure round-off)."""
+    assert grads.keys() == ref.keys() and ref
+    scale = max(float(g.abs().max()) for g in ref.values())
+    for name in ref:
+        assert float((grads[name] - ref[name]).abs().max()) < 1e-5 * scale, name
+
+
 @pytest.mark.parametrize('phase', ['Greg', 'Dreg', 'Gmain'])
 def test_training_phase_gradients_fast_equal_ref(phase):
     # Whole-network check of the double backward: path-length (Greg) and R1 (Dreg) gradients, float32.
-    grads = {}
-    for impl in ('ref', 'fast'):
-        G, D = tiny_networks()
-        G.train().requires_grad_(False)
-        D.train().requires_grad_(False)
-        module = G if phase.startswith('G') else D
-        module.requires_grad_(True)
-        loss = StyleGAN2Loss(G=G, D=D, r1_gamma=1, pl_weight=2, style_mixing_prob=0)
-        gen = torch.Generator().manual_seed(22)
-        real = torch.rand(4, 3, 16, 16, generator=gen) * 2 - 1
-        z = torch.randn(4, 8, generator=gen)
-        c = torch.zeros(4, 0)
-        torch.manual_seed(23)                                           # same noise inputs for both paths
-        with ops.default_impl(impl):
-            loss.accumulate_gradients(phase=phase, real_img=real, real_c=c, gen_z=z, gen_c=c, gain=1)
-        grads[impl] = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
-    assert grads['ref'].keys() == grads['fast'].keys() and grads['ref']
-    # Relative to the largest gradient of the module: some R1 gradients (biases) are pure float32 round-off.
-    scale = max(float(g.abs().max()) for g in grads['ref'].values())
-    for name in grads['ref']:
-        assert float((grads['fast'][name] - grads['ref'][name]).abs().max()) < 1e-5 * scale, name
+    assert_phase_gradients_close(phase_gradients(phase, 'fast'), phase_gradients(phase, 'ref'))
 
 
 def test_default_impl_scope_switches_and_resets():

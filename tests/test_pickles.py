@@ -63,7 +63,8 @@ def _as_nvidia(module, init_kwargs=None):
     state = {
         'training': False,
         '_parameters': collections.OrderedDict((k, v) for k, v in module._parameters.items()),
-        '_buffers': collections.OrderedDict((k, v) for k, v in module._buffers.items()),
+        # Our non-persistent buffers (constants derived at construction) have no counterpart in NVIDIA's modules.
+        '_buffers': collections.OrderedDict((k, v) for k, v in module._buffers.items() if k not in module._non_persistent_buffers_set),
         '_non_persistent_buffers_set': set(),
         '_modules': collections.OrderedDict((k, _as_nvidia(v)) for k, v in module._modules.items()),
         '_init_args': (),

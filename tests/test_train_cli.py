@@ -170,3 +170,109 @@ def test_two_kimg_run_as_a_new_user_then_longer(tmp_path):
     log = (run_dir / 'log.txt').read_text()
     assert f'continuing at kimg 2.016 (tick 3), augment p {p_saved:.3f}' in log
     assert load_network_pkl(run_dir / 'network-snapshot-000003.pkl')['progress']['cur_nimg'] == 3008
+
+
+# ----------------------------------------------------------------------------
+# Fine-tuning an NVIDIA-format pickle of non-default sizes: the networks take the pickle's sizes and every tensor.
+
+from test_pickles import _write_nvidia_pickle, nvidia_modules  # noqa: E402,F401  (the fixture is used by name)
+
+NV_G = dict(z_dim=8, w_dim=16, c_dim=0, img_resolution=16, img_channels=3, mapping_kwargs=dict(num_layers=3),
+            synthesis_kwargs=dict(channel_base=128, channel_max=16, num_fp16_res=2, conv_clamp=256))
+NV_D = dict(c_dim=0, img_resolution=16, img_channels=3, architecture='orig', channel_base=128, channel_max=16, num_fp16_res=2,
+            conv_clamp=256, block_kwargs={}, mapping_kwargs={}, epilogue_kwargs=dict(mbstd_group_size=4, mbstd_num_channels=2))
+NV_LINE = ('networks from nv.pkl: z_dim 8, w_dim 16, mapping 3 layers, channel_base 128, channel_max 16, fp16 resolutions 2, '
+           'conv_clamp 256, c_dim {c_dim}, D architecture orig')
+FT = ['--kimg', '0.004', '--batch', '4', '--tick', '0.004', '--snap', '1', '--gamma', '0.01', '--glr', '1e-12', '--dlr', '1e-12',
+      '--aug', 'noaug', '--device', 'cpu']
+
+
+def _nvidia_pickle(path, c_dim=0, seed=0):
+    """An NVIDIA-format pickle of NV_G/NV_D's sizes, every parameter and buffer random (not any initialisation)."""
+    import torch
+    from stylegan2ada.networks import Discriminator, Generator
+    g_kwargs, d_kwargs = dict(NV_G, c_dim=c_dim), dict(NV_D, c_dim=c_dim)
+    torch.manual_seed(seed)
+    G, D = Generator(**g_kwargs), Discriminator(**d_kwargs)
+    with torch.no_grad():
+        for module in (G, D):
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                if tensor.is_floating_point():
+                    tensor.copy_(torch.randn_like(tensor))
+    _write_nvidia_pickle(path, G.requires_grad_(False), D.requires_grad_(False), G, dict(G_kwargs=g_kwargs, D_kwargs=d_kwargs))
+    return G, D
+
+
+def _assert_transferred(snapshot, G, D):
+    """Every tensor of the run's networks equals the pickle's (lr 1e-12: training moved the parameters by ~1e-12)."""
+    import torch
+    for key, src in (('G', G), ('G_ema', G), ('D', D)):
+        got = snapshot[key].state_dict()
+        assert set(got) == set(src.state_dict()), key
+        for name, tensor in src.state_dict().items():
+            if not name.endswith('w_avg'):          # tracked by training: moves by design
+                assert torch.allclose(got[name], tensor, atol=1e-6, rtol=0), f'{key}.{name}'
+
+
+def test_fine_tuning_takes_the_pickles_sizes_and_every_tensor(tmp_path, nvidia_modules):
+    data = write_zip(tmp_path / 'd.zip')
+    G, D = _nvidia_pickle(tmp_path / 'nv.pkl')
+    # No size option: --cfg auto would build 512-wide 16384-channel networks; the pickle's sizes are taken instead.
+    result = _run(['--run-dir', str(tmp_path / 'run'), '--data', data, '--resume', str(tmp_path / 'nv.pkl'), *FT])
+    assert result.exit_code == 0, result.output
+    assert NV_LINE.format(c_dim=0) in result.output.splitlines()
+    options = json.load(open(tmp_path / 'run' / 'training_options.json'))
+    assert options['G_kwargs']['synthesis_kwargs'] == dict(channel_base=128, channel_max=16, num_fp16_res=2, conv_clamp=256)
+    assert options['D_kwargs']['epilogue_kwargs'] == dict(mbstd_group_size=4, mbstd_num_channels=2)    # group: this run's batch
+    assert options['networks_from'] == NV_LINE.format(c_dim=0)
+    snapshot = load_network_pkl(tmp_path / 'run' / 'network-snapshot-000000.pkl')
+    assert snapshot['G'].init_kwargs == NV_G and snapshot['D'].init_kwargs['architecture'] == 'orig'
+    _assert_transferred(snapshot, G, D)
+    assert 'kept as initialised' not in (tmp_path / 'run' / 'log.txt').read_text()
+    # The run continues from its own snapshot with the same networks.
+    result = _run(['--run-dir', str(tmp_path / 'run'), '--data', data, '--kimg', '0.008', '--device', 'cpu'])
+    assert result.exit_code == 0, result.output
+    assert load_network_pkl(tmp_path / 'run' / 'network-snapshot-000000.pkl')['G'].init_kwargs == NV_G
+
+
+def test_untransferred_tensors_are_an_error_unless_partial(tmp_path, nvidia_modules):
+    data = write_zip(tmp_path / 'd.zip')
+    pkl = str(tmp_path / 'nv.pkl')
+    _nvidia_pickle(pkl)
+    for extra, expect in [(['--cbase', '64'], ['--cbase 64 (pickle: 128)', 'left at random initialisation']),
+                          (['--map', '2'], ['--map 2 (pickle: 3)', "G 0 left at random initialisation and 2 of the pickle's unused",
+                                            'G.mapping.fc2.weight [16, 16] (pickle only)'])]:
+        result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'runs'), '--data', data, '--resume', pkl, *FT, *extra])
+        assert result.exit_code == 1 and result.output.count('\n') == 1, result.output
+        assert 'not every tensor would transfer' in result.output and '--resume-partial' in result.output
+        assert all(text in result.output for text in expect), result.output
+    assert not (tmp_path / 'runs').exists()
+    # --resume-partial: NVIDIA's behaviour, said in the networks line and the log.
+    result = _run(['--run-dir', str(tmp_path / 'partial'), '--data', data, '--resume', pkl, '--cbase', '64', '--resume-partial', *FT])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith('networks from nv.pkl'))
+    assert 'channel_base 64' in line and '(given: --cbase)' in line and 'partial transfer: G ' in line
+    assert 'kept as initialised (partial transfer)' in (tmp_path / 'partial' / 'log.txt').read_text()
+
+
+def test_fine_tuning_checks_resolution_channels_and_labels(tmp_path, nvidia_modules):
+    pkl = str(tmp_path / 'nv.pkl')
+    _nvidia_pickle(pkl)
+    for data, expect in [(write_zip(tmp_path / 'big.zip', resolution=32), 'make 16 px images with 3 channel(s), but '),
+                         (write_zip(tmp_path / 'gray.zip', channels=1), 'holds 16 px images with 1 channel(s)')]:
+        result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'runs'), '--data', data, '--resume', pkl, *FT])
+        assert result.exit_code == 1 and result.output.count('\n') == 1, result.output
+        assert expect in result.output and os.path.basename(data) in result.output and 'nv.pkl' in result.output
+    # A conditional pickle stays conditional on a dataset with labels for its classes; without labels it is refused.
+    cond_pkl = str(tmp_path / 'nv-cond.pkl')
+    G, D = _nvidia_pickle(cond_pkl, c_dim=4)
+    labelled = write_zip(tmp_path / 'labelled.zip', labels=[i % 4 for i in range(16)])
+    result = _run(['--run-dir', str(tmp_path / 'cond'), '--data', labelled, '--resume', cond_pkl, *FT])
+    assert result.exit_code == 0, result.output
+    assert NV_LINE.replace('nv.pkl', 'nv-cond.pkl').format(c_dim=4) in result.output.splitlines()
+    assert json.load(open(tmp_path / 'cond' / 'training_options.json'))['training_set_kwargs']['use_labels'] is True
+    _assert_transferred(load_network_pkl(tmp_path / 'cond' / 'network-snapshot-000000.pkl'), G, D)
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'runs'), '--data', write_zip(tmp_path / 'plain.zip'),
+                                             '--resume', cond_pkl, *FT])
+    assert result.exit_code == 1 and result.output.count('\n') == 1, result.output
+    assert 'the pickle is conditional with 4 classes, this run has 0 (it needs --cond and 4 classes' in result.output

@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 import zipfile
 from typing import List
@@ -22,7 +21,7 @@ import tqdm
 
 from ..dataset import DatasetError, ImageFolderDataset
 from . import taxa
-from ..util import write_text_atomic
+from ..util import make_temp_file, write_text_atomic
 
 INCEPTION_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
 INCEPTION_FILENAME = 'inception-2015-12-05.pt'
@@ -83,7 +82,7 @@ def download_file(
     import requests  # only needed when something is actually downloaded
     folder = os.path.dirname(os.path.abspath(dest))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-download-', dir=folder)
+    fd, tmp = make_temp_file(folder, prefix='.tmp-download-')     # mode as open() gives: readable by others
     digest = hashlib.sha256()
     try:
         with os.fdopen(fd, 'wb') as f:
@@ -548,7 +547,7 @@ def train_taxon_classifier(
     out = str(out)
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.pt', dir=folder)
+    fd, tmp = make_temp_file(folder, prefix='.tmp-', suffix='.pt')
     os.close(fd)
     try:
         with _quiet_jit():

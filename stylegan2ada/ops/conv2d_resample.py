@@ -1,9 +1,10 @@
 """2-D convolution with optional FIR up/downsampling, arranged so no pixel is computed twice.
 
 Upsampling uses a transposed convolution followed by the FIR filter; downsampling filters first and
-then convolves with stride. The arithmetic matches NVIDIA's conv2d_resample. Both paths share this
-arrangement; they differ in the FIR filtering they call: `impl='ref'` uses upfirdn2d's reference
-path, `impl='fast'` its fast path (strided/transposed depthwise convolutions, padding folded in).
+then convolves with stride. The arithmetic matches NVIDIA's conv2d_resample. All paths share this
+arrangement and its torch convolutions; they differ in the FIR filtering they call: `impl='ref'` uses
+upfirdn2d's reference path, `impl='fast'` its fast path (strided/transposed depthwise convolutions,
+padding folded in), `impl='triton'` its Triton kernels (CUDA, or Triton's interpreter on the CPU).
 """
 
 import functools
@@ -84,11 +85,13 @@ def _conv2d_resample(x, w, f, up, down, padding, groups, flip_weight, flip_filte
     return _conv(x, w, groups=groups, flip_weight=flip_weight)
 
 
-# Both paths take (x, w, f, up, down, padding, groups, flip_weight, flip_filter).
+# All paths take (x, w, f, up, down, padding, groups, flip_weight, flip_filter).
 _IMPLS = {
-    'ref':  functools.partial(_conv2d_resample, impl='ref'),
-    'fast': functools.partial(_conv2d_resample, impl='fast'),
+    'ref':    functools.partial(_conv2d_resample, impl='ref'),
+    'fast':   functools.partial(_conv2d_resample, impl='fast'),
+    'triton': functools.partial(_conv2d_resample, impl='triton'),
 }
+
 
 
 def conv2d_resample(
@@ -101,10 +104,10 @@ def conv2d_resample(
     groups      = 1,        # grouped convolution
     flip_weight = True,     # False = true convolution (mirrored weights), as NVIDIA uses when up > 1
     flip_filter = False,    # passed to upfirdn2d
-    impl        = None,     # 'ref' or 'fast' (FIR filtering by that upfirdn2d path); None = 'fast' (covers every case)
+    impl        = None,     # 'ref', 'fast' or 'triton' (FIR filtering by that upfirdn2d path); None = 'triton' on CUDA, else 'fast'
 ):
     """Convolve x with w, with FIR-filtered up/downsampling around the convolution."""
     if not (isinstance(up, int) and up >= 1 and isinstance(down, int) and down >= 1):
         raise ValueError(f'up and down must be integers >= 1, got {up}, {down}')
-    impl = choose_impl('conv2d_resample', impl)
+    impl = choose_impl('conv2d_resample', impl, triton_ok=_up.triton_supported(x, f), device_type=x.device.type)
     return _IMPLS[impl](x, w, f, up, down, padding, groups, flip_weight, flip_filter)
