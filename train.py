@@ -14,7 +14,7 @@ import click
 from click.core import ParameterSource
 import torch
 
-from stylegan2ada import distributed
+from stylegan2ada import cli, distributed
 from stylegan2ada.dataset import DatasetError, ImageFolderDataset
 from stylegan2ada.metrics.detectors import DetectorError, resolve_detector
 from stylegan2ada.metrics.metric_main import MetricError, parse_metric_name
@@ -393,7 +393,7 @@ def subprocess_fn(rank, init_file, config, run_dir, progress_callback=None):
     stop = threading.Event()
     several = config['num_gpus'] > 1
     try:
-        with distributed.stop_signals_set(stop) if several else contextlib.nullcontext():
+        with cli.stop_signals(stop) if several else contextlib.nullcontext():
             return training_loop(run_dir=run_dir, rank=rank, device=device, extra_d_terms=extra_d_terms,
                                  progress_callback=progress_callback, training_options=config,
                                  stop_requested=stop.is_set if several else None, **{k: config[k] for k in keys})

@@ -10,6 +10,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .util import UserError
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 LABELS_FILE = 'dataset.json'
 MANIFEST_FILE = 'manifest.json'
@@ -18,7 +20,7 @@ MANIFEST_FILE = 'manifest.json'
 GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'I;16B', 'I;16L', 'F')
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """A dataset that cannot be read; the message names the file and the problem on one line."""
 
 

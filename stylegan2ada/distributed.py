@@ -102,20 +102,3 @@ def spawn(
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     return received
-
-
-@contextlib.contextmanager
-def stop_signals_set(
-    event,                      # threading.Event set by the first SIGINT or SIGTERM
-):
-    """Within the block SIGINT and SIGTERM only set `event`: a process of a multi-process run stops when all agree."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    stop_signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda signum, frame: event.set()) for sig in stop_signals}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import augment, networks
-from .util import atomic_write
+from .util import UserError, atomic_write
 
 RECORD_KEY = '__taxogan_module__'
 PICKLE_FORMAT = 'taxogan-network/1'
@@ -28,7 +28,7 @@ PICKLE_FORMAT = 'taxogan-network/1'
 MODULE_CLASSES = {}
 
 
-class NetworkPickleError(Exception):
+class NetworkPickleError(UserError):
     """A network pickle cannot be read; the message names the file and the problem."""
 
 
@@ -292,6 +292,18 @@ def _to_records(value):
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     return value
+
+
+def evaluation_network(
+    data,       # a loaded pickle (load_network_pkl)
+):
+    """The generator to sample from or evaluate: the pickle's G_ema, else its G."""
+    G = data.get('G_ema')
+    if G is None:
+        G = data.get('G')
+    if G is None:
+        raise NetworkPickleError('the pickle has neither G_ema nor G')
+    return G
 
 
 def save_network_pkl(

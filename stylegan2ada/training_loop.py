@@ -26,13 +26,13 @@ from .distributed import all_reduce_sum_, collective_device
 from .image_utils import grid_size_for, save_image_grid, to_uint8
 from .loss import StyleGAN2Loss
 from .training_stats import StatsCollector
-from .util import format_duration, remove_stale_temp_files, worker_init_ignoring_stop_signals
+from .util import UserError, format_duration, remove_stale_temp_files, worker_init_ignoring_stop_signals
 
 SNAPSHOT_RE = re.compile(r'^network-snapshot-(\d+)\.pkl$')
 STOP_CHECK_INTERVAL = 8     # iterations between the processes' agreements on a requested stop (several processes)
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(UserError):
     """A loss became NaN or infinite; the message names the tick and the term."""
 
 

@@ -1,8 +1,9 @@
-"""Small shared helpers: atomic file writes (with the permissions open() gives), DataLoader workers that leave stop
-signals to the main process, and human-readable durations."""
+"""Small shared helpers: the user-error base class, file hashes, atomic file writes (with the permissions open()
+gives), DataLoader workers that leave stop signals to the main process, and human-readable durations."""
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import signal
@@ -11,6 +12,26 @@ import threading
 
 # atomic_write's temporary files are named TEMP_PREFIX + final name + random suffix (see remove_stale_temp_files).
 TEMP_PREFIX = '.tmp-'
+
+
+class UserError(Exception):
+    """Bad input from the user (a file, an option, a combination): the message is one line naming it and the problem.
+
+    Every error of this kind derives from it; the command-line tools print it without a traceback (stylegan2ada.cli),
+    and any other exception keeps its traceback, since it is a bug.
+    """
+
+
+def sha256_file(
+    path,                   # file to hash
+    chunk_size  = 1 << 20,  # bytes read at a time
+):
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(chunk_size), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def current_umask():

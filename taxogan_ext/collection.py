@@ -28,7 +28,7 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.util.retry import Retry
 
-from stylegan2ada.util import make_temp_file
+from stylegan2ada.util import UserError, make_temp_file
 from taxogan_ext import taxonomy
 
 DEFAULT_RANK_COLS = ('phylum_name', 'class_name', 'order_name', 'family_name', 'genus_name', 'species_name')
@@ -45,7 +45,7 @@ HTTP_RETRY_STATUS = (429, 500, 502, 503, 504)
 
 #----------------------------------------------------------------------------
 
-class CollectionError(Exception):
+class CollectionError(UserError):
     """Bad input to the build: the message names the file and the problem in one line."""
 
 @dataclasses.dataclass

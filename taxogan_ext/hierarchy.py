@@ -29,7 +29,7 @@ import tqdm
 
 from stylegan2ada.metrics.detectors import DetectorError, resolve_detector
 from stylegan2ada.training_loop import latest_snapshot
-from stylegan2ada.util import atomic_write, write_json_atomic
+from stylegan2ada.util import UserError, atomic_write, sha256_file, write_json_atomic
 
 METHODS         = ('direct', 'lateral', 'descending', 'conditional')
 STAGE_FILE      = 'stage.json'
@@ -51,7 +51,7 @@ FINETUNE_ONLY_OPTIONS = ('freezed', 'resume_partial')
 
 #----------------------------------------------------------------------------
 
-class PlanError(Exception):
+class PlanError(UserError):
     """A plan that cannot be built or run; one line naming the problem."""
 
 #----------------------------------------------------------------------------
@@ -317,14 +317,6 @@ def build_plan(
 
 #----------------------------------------------------------------------------
 # Fingerprints and the state of a stage folder.
-
-def sha256_file(path) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 def stage_inputs(
     stage:          Stage,

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from stylegan2ada.dataset import DatasetError
 from stylegan2ada.pickles import NetworkPickleError
-from stylegan2ada.util import write_text_atomic
+from stylegan2ada.util import UserError, write_text_atomic
 from taxogan_ext import hierarchy
 
 #----------------------------------------------------------------------------
@@ -55,7 +55,7 @@ CURVES_FILE = 'curves.png'
 
 #----------------------------------------------------------------------------
 
-class ReportError(Exception):
+class ReportError(UserError):
     """An experiment folder that cannot be reported; one line naming the file."""
 
 #----------------------------------------------------------------------------

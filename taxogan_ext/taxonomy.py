@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from stylegan2ada.util import write_json_atomic  # noqa: F401  (re-exported: the dataset tool writes manifests with it)
+from stylegan2ada.util import UserError, write_json_atomic  # noqa: F401  (re-exported: the dataset tool writes manifests with it)
 
 MANIFEST_FORMAT = 'taxogan-datasets/1'
 MANIFEST_NAME = 'manifest.json'
@@ -37,7 +37,7 @@ _TAXON_KEYS = {
 
 #----------------------------------------------------------------------------
 
-class ManifestError(Exception):
+class ManifestError(UserError):
     """A missing, unreadable or inconsistent manifest, or an unknown taxon name."""
 
 #----------------------------------------------------------------------------

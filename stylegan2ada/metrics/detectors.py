@@ -21,7 +21,7 @@ import tqdm
 
 from ..dataset import DatasetError, ImageFolderDataset
 from . import taxa
-from ..util import make_temp_file, write_text_atomic
+from ..util import UserError, make_temp_file, sha256_file, write_text_atomic
 
 INCEPTION_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
 INCEPTION_FILENAME = 'inception-2015-12-05.pt'
@@ -34,7 +34,7 @@ CACHE_ENV = 'TAXOGAN_CACHE'
 OFFLINE_ENV = 'TAXOGAN_OFFLINE'
 
 
-class DetectorError(Exception):
+class DetectorError(UserError):
     """A detector that cannot be found, downloaded, verified or loaded; one line naming the file."""
 
 
@@ -59,15 +59,6 @@ def default_cache_dir(
     if cache_dir is not None:
         return str(cache_dir)
     return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser('~'), '.cache', 'taxogan')
-
-
-def sha256_file(path):
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download_file(

@@ -14,7 +14,7 @@ from ..dataset import DatasetError, ImageFolderDataset
 from . import metric_utils, taxa
 from .detectors import resolve_detector
 from .distances import frechet_distance_from_stats, kernel_inception_distance
-from ..util import format_duration
+from ..util import UserError, format_duration
 
 # Metric families by name; filled by @register_metric below. A metric name is parsed into a family,
 # an image count, the _full flag and the _taxon detector suffix by parse_metric_name().
@@ -29,7 +29,7 @@ KID_MAX_SUBSET_SIZE = 1000
 MetricSpec = collections.namedtuple('MetricSpec', ['name', 'family', 'count', 'full', 'taxon'])
 
 
-class MetricError(Exception):
+class MetricError(UserError):
     """A metric request that cannot be served; one line naming the problem."""
 
 

@@ -9,11 +9,13 @@ import os
 
 import numpy as np
 
+from ..util import UserError
+
 MANIFEST_FILE = 'manifest.json'
 MANIFEST_FORMAT_PREFIX = 'taxogan-datasets/'
 
 
-class TaxonError(Exception):
+class TaxonError(UserError):
     """A taxon question that cannot be answered (unknown taxon, bad manifest); one line naming the file."""
 
 
