@@ -7,26 +7,14 @@ import tempfile
 import click
 import torch
 
-from stylegan2ada.dataset import DatasetError, ImageFolderDataset
+from stylegan2ada import cli
+from stylegan2ada.dataset import ImageFolderDataset
 from stylegan2ada.metrics import metric_main
-from stylegan2ada.metrics.detectors import DetectorError, train_taxon_classifier
-from stylegan2ada.metrics.metric_main import MetricError
-from stylegan2ada.metrics.taxa import TaxonError
-from stylegan2ada.pickles import NetworkPickleError, load_network_pkl
+from stylegan2ada.pickles import NetworkPickleError, evaluation_network, load_network_pkl
+from stylegan2ada.util import UserError
 import taxogan_ext.dcgan  # noqa: F401  registers the DCGAN baseline's classes for pickles
-
-USER_ERRORS = (DatasetError, DetectorError, MetricError, TaxonError)
-
-
-def pick_device(device, rank=0):
-    """'auto' -> cuda:<rank> when available, else cpu."""
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device == 'cuda':
-        if not torch.cuda.is_available():
-            raise click.ClickException('--device cuda asked for, but no CUDA device is available')
-        return torch.device('cuda', rank % torch.cuda.device_count())
-    return torch.device(device)
+from taxogan_ext import taxon_metrics  # registers the 'taxon' detector kind and the acc_taxon metric
+from taxogan_ext.taxon_detector import train_taxon_classifier
 
 
 def _parse_list(text):
@@ -34,16 +22,14 @@ def _parse_list(text):
 
 
 def load_generator(network_pkl):
-    """(G_ema or G, the pickle's training_set_kwargs or None); ClickException on a missing or bad pickle."""
+    """(G_ema or G, the pickle's training_set_kwargs or None); UserError on a missing or bad pickle."""
     if not os.path.isfile(network_pkl):
-        raise click.ClickException(f'{network_pkl}: no such network pickle')
+        raise UserError(f'{network_pkl}: no such network pickle')
+    data = load_network_pkl(network_pkl)
     try:
-        data = load_network_pkl(network_pkl)
+        G = evaluation_network(data)
     except NetworkPickleError as exc:
-        raise click.ClickException(str(exc)) from None
-    G = data.get('G_ema') if data.get('G_ema') is not None else data.get('G')
-    if G is None:
-        raise click.ClickException(f'{network_pkl}: the pickle holds no generator')
+        raise NetworkPickleError(f'{network_pkl}: {exc}') from None
     kwargs = data.get('training_set_kwargs')
     return G, (dict(kwargs) if kwargs else None)
 
@@ -52,7 +38,7 @@ def dataset_kwargs_for(G, pkl_kwargs, data, mirror, network_pkl):
     """Real-image dataset kwargs: --data (or the pickle's training set), labels as G needs, resolution of G."""
     if data is None:
         if not pkl_kwargs or not pkl_kwargs.get('path'):
-            raise click.ClickException(f'{network_pkl}: the pickle does not name its training set; pass --data')
+            raise UserError(f'{network_pkl}: the pickle does not name its training set; pass --data')
         kwargs = dict(pkl_kwargs)
         kwargs.pop('class_name', None)   # NVIDIA's pickles name their dataset class; ours is the only one
     else:
@@ -71,7 +57,7 @@ def _run_metrics(rank, c, temp_dir):
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // c['num_gpus']))  # share the cores, do not oversubscribe
         torch.distributed.init_process_group(backend=backend, init_method=f'file://{os.path.join(temp_dir, ".torch_distributed_init")}',
                                              rank=rank, world_size=c['num_gpus'])
-    device = pick_device(c['device'], rank)
+    device = cli.pick_device(c['device'], rank)
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     G, _ = load_generator(c['network_pkl'])
@@ -94,7 +80,8 @@ def _run_metrics(rank, c, temp_dir):
 def _subprocess_fn(rank, c, temp_dir):
     try:
         _run_metrics(rank, c, temp_dir)
-    except USER_ERRORS as exc:
+    except UserError as exc:
+        # A spawned process has no click around it: end it with the one-line message, not a traceback.
         raise SystemExit(f'rank {rank}: {exc}') from None
 
 
@@ -109,7 +96,7 @@ def calc_metrics(c):
 
 #----------------------------------------------------------------------------
 
-@click.group(invoke_without_command=True)
+@click.group(cls=cli.Group, invoke_without_command=True)
 @click.pass_context
 # Main options.
 @click.option('--network', 'network_pkl', help='Network pickle to evaluate', metavar='PKL', type=str, default=None)
@@ -148,35 +135,28 @@ def main(ctx, **kwargs):
     if not metrics:
         raise click.ClickException('--metrics is empty')
     used = {}
-    try:
-        for metric in metrics:
-            spec = metric_main.parse_metric_name(metric)
-            detector, _name = metric_main.select_detector(spec, list(opts['detectors']), cache_dir=opts['cache_dir'])
-            used[detector.spec] = detector
-    except USER_ERRORS as exc:
-        raise click.ClickException(str(exc)) from None
+    for metric in metrics:
+        spec = metric_main.parse_metric_name(metric)
+        detector, _name = metric_main.select_detector(spec, list(opts['detectors']), cache_dir=opts['cache_dir'])
+        used[detector.spec] = detector
 
     G, pkl_kwargs = load_generator(opts['network_pkl'])
     dataset_kwargs = dataset_kwargs_for(G, pkl_kwargs, opts['data'], opts['mirror'], opts['network_pkl'])
     c = dict(network_pkl=opts['network_pkl'], metrics=metrics, detectors=list(opts['detectors']), dataset_kwargs=dataset_kwargs,
              taxon=opts['taxon'], seed=opts['seed'], num_gpus=opts['num_gpus'], batch_size=opts['batch_size'],
-             device=opts['device'] if opts['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu'),
-             cache_dir=opts['cache_dir'], run_dir=opts['run_dir'] or os.path.dirname(os.path.abspath(opts['network_pkl'])),
-             progress=not opts['quiet'])
+             device=cli.pick_device(opts['device']).type, cache_dir=opts['cache_dir'],
+             run_dir=opts['run_dir'] or os.path.dirname(os.path.abspath(opts['network_pkl'])), progress=not opts['quiet'])
     if c['device'] == 'cuda' and c['num_gpus'] > torch.cuda.device_count():
         raise click.ClickException(f'--gpus {c["num_gpus"]}: only {torch.cuda.device_count()} CUDA devices')
 
     # Fail early, before any process starts: the dataset must read, the detectors must be there.
-    try:
-        dataset = ImageFolderDataset(**dataset_kwargs)
-        if G.c_dim and dataset.label_dim != G.c_dim:
-            raise click.ClickException(f'{dataset.path}: the generator has {G.c_dim} classes but the dataset labels have '
-                                       f'{dataset.label_dim} (dataset.json)')
-        for detector in used.values():
-            _ = detector.id   # finds (or downloads) and hashes the file now
-        calc_metrics(c)
-    except USER_ERRORS as exc:
-        raise click.ClickException(str(exc)) from None
+    dataset = ImageFolderDataset(**dataset_kwargs)
+    if G.c_dim and dataset.label_dim != G.c_dim:
+        raise click.ClickException(f'{dataset.path}: the generator has {G.c_dim} classes but the dataset labels have '
+                                   f'{dataset.label_dim} (dataset.json)')
+    for detector in used.values():
+        _ = detector.id   # finds (or downloads) and hashes the file now
+    calc_metrics(c)
 
 
 @main.command('train-detector')
@@ -203,14 +183,11 @@ def train_detector(**kwargs):
     opts = dict(kwargs)
     c = dict(data=opts['data'], out=opts['out'], rank=opts['rank'], resolution=opts['resolution'], epochs=opts['epochs'],
              lr=opts['lr'], heldout_fraction=opts['heldout'], seed=opts['seed'], batch_size=opts['batch_size'],
-             device=pick_device(opts['device']))
+             device=cli.pick_device(opts['device']))
     if not os.path.exists(c['data']):
         raise click.ClickException(f'{c["data"]}: no such file or folder')
-    try:
-        meta = train_taxon_classifier(**c)
-        check = metric_main.calc_taxon_accuracy_on_reals(f'taxon:{c["out"]}', data=c['data'], device=c['device'])
-    except USER_ERRORS as exc:
-        raise click.ClickException(str(exc)) from None
+    meta = train_taxon_classifier(**c)
+    check = taxon_metrics.calc_taxon_accuracy_on_reals(f'taxon:{c["out"]}', data=c['data'], device=c['device'])
     click.echo(f'classes: ' + ', '.join(f'{n} ({meta["num_images_per_class"][n]})' for n in meta['class_names']))
     click.echo(f'trained on {meta["num_train"]} images, held out {meta["num_heldout"]}')
     click.echo(f'held-out accuracy: {meta["heldout_accuracy"]:.4f} (' +
@@ -227,10 +204,7 @@ def eval_detector(**kwargs):
     """Print acc_taxon of the taxon detector's held-out real images, per taxon and overall."""
     opts = dict(kwargs)
     spec = opts['detector'] if opts['detector'].startswith('taxon:') else f'taxon:{opts["detector"]}'
-    try:
-        result = metric_main.calc_taxon_accuracy_on_reals(spec, data=opts['data'], device=pick_device(opts['device']))
-    except USER_ERRORS as exc:
-        raise click.ClickException(str(exc)) from None
+    result = taxon_metrics.calc_taxon_accuracy_on_reals(spec, data=opts['data'], device=cli.pick_device(opts['device']))
     for name, acc in result['per_taxon'].items():
         click.echo(f'acc_taxon {name}: {acc:.4f}')
     click.echo(f'acc_taxon (all {result["num_images"]} held-out images): {result["acc_taxon"]:.4f}; '

@@ -6,13 +6,20 @@ Examples:
     python dataset_tool_ext.py info datasets
 """
 
+import dataclasses
+import types
+
 import click
 
+from stylegan2ada import cli
 from taxogan_ext import collection, taxonomy
+
+# The build's defaults are declared once, in collection.BuildOptions; the options below show them.
+DEFAULTS = types.MappingProxyType({field.name: field.default for field in dataclasses.fields(collection.BuildOptions)})
 
 #----------------------------------------------------------------------------
 
-@click.group()
+@click.group(cls=cli.Group)
 def cmdline():
     """Taxonomic image collections -> per-taxon dataset zips + manifest.json."""
 
@@ -23,45 +30,41 @@ def cmdline():
 # Main options.
 @click.option('--source',             help='Folder tree, BOLD-style TSV/CSV or EcoTaxa TSV', metavar='PATH', type=str, required=True)
 @click.option('--dest',               help='Output folder for <Taxon>.zip and manifest.json', metavar='DIR', type=str, required=True)
-@click.option('--ranks',              help='Ranks to build a dataset for, top first', metavar='LIST', type=str, default='class,order', show_default=True)
-@click.option('--resolution',         help='Output side in pixels (power of two)', metavar='INT', type=click.IntRange(min=4), default=256, show_default=True)
+@click.option('--ranks',              help='Ranks to build a dataset for, top first', metavar='LIST', type=str, default=DEFAULTS['ranks'], show_default=True)
+@click.option('--resolution',         help='Output side in pixels (power of two)', metavar='INT', type=click.IntRange(min=4), default=DEFAULTS['resolution'], show_default=True)
 
 # Source-related.
-@click.option('--format', 'fmt',      help='Source format', type=click.Choice(['auto', 'tree', 'bold', 'ecotaxa']), default='auto', show_default=True)
-@click.option('--rank-cols',          help='BOLD taxonomy columns, top first', metavar='LIST', type=str, default=','.join(collection.DEFAULT_RANK_COLS), show_default=True)
+@click.option('--format', 'fmt',      help='Source format', type=click.Choice(['auto', 'tree', 'bold', 'ecotaxa']), default=DEFAULTS['fmt'], show_default=True)
+@click.option('--rank-cols',          help='BOLD taxonomy columns, top first', metavar='LIST', type=str, default=','.join(DEFAULTS['rank_cols']), show_default=True)
 @click.option('--path-col',           help='Column with the image path or URL  [default: detect]', metavar='NAME', type=str, default=None)
 @click.option('--id-col',             help='Column with the id matched by --exclude  [default: processid, sampleid, object_id]', metavar='NAME', type=str, default=None)
 @click.option('--tree-ranks',         help='Ranks of the folder / EcoTaxa hierarchy levels, from --root down  [default: --ranks]', metavar='LIST', type=str, default=None)
 @click.option('--root',               help='Taxon at the first tree rank  [default: top folders; EcoTaxa: deepest shared taxon]', metavar='NAME', type=str, default=None)
 
 # Filters.
-@click.option('--min-size',           help='Drop images with a side below this (pixels; 0 keeps all)', metavar='INT', type=click.IntRange(min=0), default=256, show_default=True)
+@click.option('--min-size',           help='Drop images with a side below this (pixels; 0 keeps all)', metavar='INT', type=click.IntRange(min=0), default=DEFAULTS['min_size'], show_default=True)
 @click.option('--exclude',            help='File of ids, paths or URLs to leave out, one a line', metavar='FILE', type=str, default=None)
-@click.option('--near-dup-threshold', help='Max dHash Hamming distance (of 64 bits) of a near duplicate; -1: off', metavar='INT', type=click.IntRange(min=-1, max=64), default=4, show_default=True)
+@click.option('--near-dup-threshold', help='Max dHash Hamming distance (of 64 bits) of a near duplicate; -1: off', metavar='INT', type=click.IntRange(min=-1, max=64), default=DEFAULTS['near_dup_threshold'], show_default=True)
 @click.option('--max-per-taxon',      help='Images kept per taxon at its deepest rank  [default: all]', metavar='INT', type=click.IntRange(min=1), default=None)
 
 # Transforms.
-@click.option('--square',             help='How to make images square', type=click.Choice(list(collection.SQUARE_MODES)), default='pad', show_default=True)
-@click.option('--channels',           help='Output channels (auto: 1 only if every image is grayscale)', type=click.Choice(['1', '3', 'auto']), default='auto', show_default=True)
+@click.option('--square',             help='How to make images square', type=click.Choice(list(collection.SQUARE_MODES)), default=DEFAULTS['square'], show_default=True)
+@click.option('--channels',           help='Output channels (auto: 1 only if every image is grayscale)', type=click.Choice(['1', '3', 'auto']), default=DEFAULTS['channels'], show_default=True)
 
 # Performance-related.
 @click.option('--workers',            help='Processes  [default: all cores]', metavar='INT', type=click.IntRange(min=1), default=None)
-@click.option('--download-threads',   help='Concurrent downloads', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
+@click.option('--download-threads',   help='Concurrent downloads', metavar='INT', type=click.IntRange(min=1), default=DEFAULTS['download_threads'], show_default=True)
 
 # I/O-related.
 @click.option('--cache',              help='Download cache  [default: DEST/.download-cache]', metavar='DIR', type=str, default=None)
-@click.option('--timeout',            help='HTTP connect/read timeout (seconds)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=30, show_default=True)
-@click.option('--retries',            help='HTTP retries after the first try', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
-@click.option('--compress-level',     help='PNG compression level', metavar='INT', type=click.IntRange(min=0, max=9), default=1, show_default=True)
+@click.option('--timeout',            help='HTTP connect/read timeout (seconds)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=DEFAULTS['timeout'], show_default=True)
+@click.option('--retries',            help='HTTP retries after the first try', metavar='INT', type=click.IntRange(min=0), default=DEFAULTS['retries'], show_default=True)
+@click.option('--compress-level',     help='PNG compression level', metavar='INT', type=click.IntRange(min=0, max=9), default=DEFAULTS['compress_level'], show_default=True)
 @click.option('--dry-run',            help='Print what would be built; read no images, write nothing', is_flag=True)
 
 def build(**kwargs):
     """Build DEST/<Taxon>.zip for every taxon at --ranks, and DEST/manifest.json."""
-    config = dict(kwargs)
-    try:
-        collection.build_datasets(**config, log=click.echo)
-    except (collection.CollectionError, taxonomy.ManifestError) as e:
-        raise click.ClickException(str(e)) from None
+    collection.build_datasets(collection.BuildOptions(**kwargs), log=click.echo)
 
 #----------------------------------------------------------------------------
 
@@ -70,10 +73,7 @@ def build(**kwargs):
 @click.option('--verify', help='Recompute each zip\'s SHA-256 and compare it with the manifest', is_flag=True)
 def info(datasets, verify):
     """Print the taxonomy tree and image counts of a datasets folder."""
-    try:
-        manifest = taxonomy.load_manifest(datasets)
-    except taxonomy.ManifestError as e:
-        raise click.ClickException(str(e)) from None
+    manifest = taxonomy.load_manifest(datasets)
     click.echo(f'{manifest.root}: {len(manifest.taxa)} datasets, ranks {",".join(manifest.ranks)}, '
                f'{manifest.resolution}x{manifest.resolution}, {manifest.channels} channel(s)')
     click.echo(manifest.format_tree())

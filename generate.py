@@ -5,10 +5,11 @@ import re
 
 import click
 import numpy as np
-import torch
 
-from stylegan2ada.image_utils import grid_size_for, save_image_grid, save_png_atomic, to_pil, to_uint8
-from stylegan2ada.pickles import NetworkPickleError, load_network_pkl
+from stylegan2ada import cli
+from stylegan2ada.image_utils import generate_images, grid_size_for, save_image_grid, save_png_atomic, to_pil
+from stylegan2ada.pickles import NetworkPickleError, evaluation_network, load_network_pkl
+from stylegan2ada.util import UserError
 import taxogan_ext.dcgan  # noqa: F401  registers the DCGAN baseline's classes for pickles
 
 
@@ -37,31 +38,7 @@ def _parse_seeds(ctx, param, value):
         raise click.BadParameter(str(exc)) from None
 
 
-def pick_device(device):
-    """'auto' -> cuda when available, else cpu."""
-    if device == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise click.ClickException('--device cuda asked for, but no CUDA device is available')
-    return torch.device(device)
-
-
-def generate_images(G, seeds, class_idx=None, truncation_psi=1, noise_mode='const', device=torch.device('cpu'), batch_size=16):
-    """uint8 images [len(seeds), C, H, W], one per seed (z drawn from np.random.RandomState(seed))."""
-    label = torch.zeros([1, G.c_dim], device=device)
-    if G.c_dim:
-        label[:, class_idx] = 1
-    out = []
-    for start in range(0, len(seeds), batch_size):
-        chunk = seeds[start:start + batch_size]
-        z = torch.from_numpy(np.stack([np.random.RandomState(s).randn(G.z_dim) for s in chunk])).to(device, torch.float32)
-        with torch.no_grad():
-            img = G(z, label.expand(len(chunk), -1), truncation_psi=truncation_psi, noise_mode=noise_mode)
-        out.append(to_uint8(img).cpu())
-    return torch.cat(out)
-
-
-@click.command()
+@click.command(cls=cli.Command)
 # Main options.
 @click.option('--network', 'network_pkl', help='Network pickle (ours or NVIDIA stylegan2-ada-pytorch)', metavar='PKL', type=str, required=True)
 @click.option('--seeds',          help='Random seeds, e.g. 0-7,12', metavar='LIST', type=str, callback=_parse_seeds, default='0-7', show_default=True)
@@ -82,27 +59,25 @@ def main(**kwargs):
     python generate.py --network cond.pkl --class 2 --trunc 0.7 --seeds 0-7 --outdir out
     """
     opts = dict(kwargs)
-    device = pick_device(opts['device'])
+    device = cli.pick_device(opts['device'])
+    data = load_network_pkl(opts['network_pkl'])
     try:
-        data = load_network_pkl(opts['network_pkl'])
-    except NetworkPickleError as exc:
-        raise click.ClickException(str(exc)) from None
-    G = data['G_ema'] if data['G_ema'] is not None else data['G']
-    if G is None:
-        raise click.ClickException(f'{opts["network_pkl"]}: the pickle holds no generator')
-    G = G.to(device)
+        G = evaluation_network(data).to(device)
+    except NetworkPickleError:
+        raise NetworkPickleError(f'{opts["network_pkl"]}: the pickle holds no generator') from None
     if G.c_dim and opts['class_idx'] is None:
-        raise click.ClickException(f'{opts["network_pkl"]}: the network is conditional ({G.c_dim} classes); choose one with --class')
+        raise UserError(f'{opts["network_pkl"]}: the network is conditional ({G.c_dim} classes); choose one with --class')
     if G.c_dim and opts['class_idx'] >= G.c_dim:
-        raise click.ClickException(f'--class {opts["class_idx"]} out of range: the network has {G.c_dim} classes (0-{G.c_dim - 1})')
+        raise UserError(f'--class {opts["class_idx"]} out of range: the network has {G.c_dim} classes (0-{G.c_dim - 1})')
     if not G.c_dim and opts['class_idx'] is not None:
         click.echo('warning: --class ignored: the network is unconditional')
     try:
         os.makedirs(opts['outdir'], exist_ok=True)
     except OSError as exc:
-        raise click.ClickException(f'{opts["outdir"]}: cannot create the output folder: {exc.strerror}') from None
+        raise UserError(f'{opts["outdir"]}: cannot create the output folder: {exc.strerror}') from None
 
-    images = generate_images(G, opts['seeds'], class_idx=opts['class_idx'], truncation_psi=opts['truncation_psi'],
+    label = np.eye(G.c_dim, dtype=np.float32)[opts['class_idx']] if G.c_dim else None     # one-hot [c_dim]
+    images = generate_images(G, opts['seeds'], label=label, truncation_psi=opts['truncation_psi'],
                              noise_mode=opts['noise_mode'], device=device)
     for seed, image in zip(opts['seeds'], images):
         save_png_atomic(to_pil(image), os.path.join(opts['outdir'], f'seed{seed:04d}.png'))

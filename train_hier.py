@@ -1,6 +1,5 @@
 """Hierarchical transfer along the taxonomy: train and evaluate a plan of stages chained by resuming from pickles."""
 
-import copy
 import functools
 import os
 import shlex
@@ -8,33 +7,22 @@ import sys
 
 import click
 
-import train
-from stylegan2ada import distributed
+from stylegan2ada import cli, distributed
 from stylegan2ada.dataset import DatasetError, ImageFolderDataset
 from stylegan2ada.metrics import metric_main
-from stylegan2ada.metrics.detectors import DetectorError, resolve_detector
-from stylegan2ada.pickles import NetworkPickleError, load_network_pkl
+from stylegan2ada.metrics.detectors import resolve_detector
+from stylegan2ada.pickles import load_network_pkl
 from stylegan2ada.training_loop import TrainingDivergedError, TrainingInterrupted
-from taxogan_ext import hierarchy, report, taxonomy
+from stylegan2ada.util import UserError
+from taxogan_ext import hierarchy, report, taxonomy, training
 
 # train.py options the plan sets per stage, or replaces with its own: every other one is passed to all stages.
 PLAN_OWNED = ('outdir', 'run_dir', 'data', 'kimg', 'resume', 'resume_mode', 'cond', 'dry_run', 'metrics')
-USER_ERRORS = (hierarchy.PlanError, taxonomy.ManifestError, report.ReportError, DatasetError, NetworkPickleError,
-               DetectorError, metric_main.MetricError)
 
 
-def passthrough_params():
-    """Copies of train.py's click options that train_hier.py passes to every stage."""
-    return [copy.copy(param) for param in train.main.params if param.name not in PLAN_OWNED]
-
-
-def train_options_decorator(fn):
-    """Add train.py's options (after this command's own) under '# Training options of every stage.'"""
-    # click lists params in reverse order of appending, and this decorator runs before the ones above it.
-    for param in reversed(passthrough_params()):
-        fn.__click_params__ = getattr(fn, '__click_params__', [])
-        fn.__click_params__.append(param)
-    return fn
+def passthrough_names():
+    """Names of the train.py options that train_hier.py passes to every stage, in --help order."""
+    return [name for name in training.option_names() if name not in PLAN_OWNED]
 
 
 def stage_train_opts(
@@ -42,34 +30,29 @@ def stage_train_opts(
     run_dir,            # the stage folder
     start_pkl,          # pickle the stage starts from; None = scratch
 ):
-    """train.py options of one stage (as train.main receives them)."""
-    opts = train.default_options()
-    opts.update(stage.train_options)
-    opts.update(data=stage.data, run_dir=run_dir, kimg=stage.kimg, cond=stage.cond, resume=start_pkl,
-                resume_mode='weights' if start_pkl else 'auto')
-    return opts
+    """train.py options of one stage (training.TrainingOptions)."""
+    return training.TrainingOptions(**{**stage.train_options,
+                                       **dict(data=stage.data, run_dir=run_dir, kimg=stage.kimg, cond=stage.cond,
+                                              resume=start_pkl, resume_mode='weights' if start_pkl else 'auto')})
 
 
 def stage_config(stage, run_dir, start_pkl):
-    """train.py's config dict of one stage; ClickException for data or options train.py refuses.
+    """train.py's config dict of one stage; a UserError for data or options train.py refuses.
 
     A stage that starts from a pickle takes its networks' sizes (unless the stage's options give them) and must be able
     to copy every tensor of it (unless --resume-partial); config['networks_from'] then says which sizes were used.
     """
     opts = stage_train_opts(stage, run_dir, start_pkl)
-    try:
-        training_set = ImageFolderDataset(path=opts['data'], use_labels=opts['cond'], max_size=opts['subset'], xflip=opts['mirror'])
-    except DatasetError as exc:
-        raise click.ClickException(str(exc)) from None
-    if opts['cond'] and not training_set.has_labels:
-        raise click.ClickException(f'{opts["data"]}: the conditional method needs class labels in dataset.json')
-    config = train.build_config(opts, training_set)
+    training_set = ImageFolderDataset(path=opts.data, use_labels=opts.cond, max_size=opts.subset, xflip=opts.mirror)
+    if opts.cond and not training_set.has_labels:
+        raise DatasetError(f'{opts.data}: the conditional method needs class labels in dataset.json')
+    config = training.build_config(opts, training_set)
     if start_pkl is not None and os.path.isfile(start_pkl):     # before the start stage is trained, a folder: checked then
         # The plan decides whether a stage is conditional: a pickle of other labels is refused (or partial), not followed.
-        config['networks_from'] = train.resume_networks(config, load_network_pkl(start_pkl), start_pkl, set(stage.train_options),
-                                                        training_set, opts['data'])
+        config['networks_from'] = training.resume_networks(config, load_network_pkl(start_pkl), start_pkl,
+                                                           set(stage.train_options), training_set, opts.data)
     for key, value in stage.overrides.items():
-        if key == 'ema_kimg' and opts['model'] == 'dcgan':
+        if key == 'ema_kimg' and opts.model == 'dcgan':
             continue                    # the baseline has no G_ema of its own (half-life 0 by design)
         config[key] = value
     config['run_dir'] = run_dir
@@ -86,23 +69,13 @@ def train_stage(stage, run_dir, resume_snapshot, start_pkl, progress_callback):
         # The config is the stage's original one (fine-tuning settings included); only the pickle and mode change.
         config['resume_pkl'], config['resume_mode'] = resume_snapshot, 'full'
     try:
-        return train.launch_training(config, run_dir, progress_callback)
+        return training.launch_training(config, run_dir, progress_callback)
     except TrainingInterrupted as exc:
-        raise click.ClickException(f'stage {stage.key}: {exc}; {continue_hint()}') from None
+        raise training.RunStopped(f'stage {stage.key}: {exc}; {continue_hint()}') from None
     except TrainingDivergedError as exc:
-        raise click.ClickException(f'stage {stage.key}: training diverged: {exc}') from None
-    except (DatasetError, NetworkPickleError, DetectorError, metric_main.MetricError, ValueError) as exc:
-        raise click.ClickException(f'stage {stage.key}: {exc}') from None
-
-
-def pick_device(device):
-    """'auto' -> cuda when available, else cpu."""
-    import torch
-    if device == 'auto':
-        return 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise click.ClickException('--device cuda asked for, but no CUDA device is available')
-    return device
+        raise TrainingDivergedError(f'stage {stage.key}: training diverged: {exc}') from None
+    except UserError as exc:
+        raise UserError(f'stage {stage.key}: {exc}') from None
 
 
 def continue_hint():
@@ -112,7 +85,7 @@ def continue_hint():
     return 'run the same command again to continue'
 
 
-@click.command(context_settings=dict(max_content_width=120))
+@click.command(cls=cli.Command, context_settings=dict(max_content_width=120))
 # Main options.
 @click.option('--datasets',     help='Datasets folder with manifest.json (dataset_tool_ext.py build)', metavar='DIR', type=str, required=True)
 @click.option('--outdir',       help='Experiment folder: a folder per stage, results.jsonl, table.md, grids', metavar='DIR', type=str, required=True)
@@ -135,7 +108,7 @@ def continue_hint():
 @click.option('--report/--no-report', help='Write table.md, table.csv, grids and curves at the end', default=True, show_default=True)
 @click.option('--quiet',        help='No progress bars', is_flag=True)
 # Training options of every stage (train.py's; see python train.py --help).
-@train_options_decorator
+@training.click_options(exclude=PLAN_OWNED)
 def main(**kwargs):
     """Train and evaluate a hierarchical transfer plan (the paper's direct, lateral and descending methods).
 
@@ -151,37 +124,30 @@ def main(**kwargs):
     An interrupted run continues where it stopped when the same command is run again.
     """
     opts = dict(kwargs)
-    names = [p.name for p in passthrough_params()]
-    defaults = train.default_options()
-    train_opts = {name: opts[name] for name in names if opts[name] != defaults[name]}
+    defaults = training.TrainingOptions()
+    train_opts = {name: opts[name] for name in passthrough_names() if opts[name] != getattr(defaults, name)}
     if opts['snap_metrics'] not in (None, '', 'none'):
         train_opts['metrics'] = opts['snap_metrics']
-    try:
-        metrics = hierarchy.parse_metrics(opts['metrics'])
-    except hierarchy.PlanError as exc:
-        raise click.ClickException(str(exc)) from None
     c = dict(datasets=opts['datasets'], outdir=opts['outdir'], method=opts['method'] or ('direct' if opts['resume'] else 'descending'),
              targets=opts['targets'], parent=opts['parent'], depth=opts['depth'], donor=opts['donor'], resume=opts['resume'],
              kimg_parent=opts['kimg_parent'], kimg_child=opts['kimg_child'], cond_finetune=opts['cond_finetune'],
              overrides={} if opts['ema_kimg'] is None else dict(ema_kimg=opts['ema_kimg']),
-             metrics=metrics, detector=opts['detector'], cache=opts['cache'], device=opts['device'], train_options=train_opts,
-             report=opts['report'], progress=not opts['quiet'], dry_run=opts['dry_run'])
-    try:
-        run(c)
-    except USER_ERRORS as exc:
-        raise click.ClickException(str(exc)) from None
+             metrics=hierarchy.parse_metrics(opts['metrics']), detector=opts['detector'], cache=opts['cache'],
+             device=opts['device'], train_options=train_opts, report=opts['report'], progress=not opts['quiet'],
+             dry_run=opts['dry_run'])
+    run(c)
 
 
 def run(c):
     """Build the plan from config dict c; print it (dry run) or train, evaluate and report it."""
     if distributed.torchrun_env() is not None:
         # Stages run one after another in one driver; its bookkeeping is not shared between torchrun processes.
-        raise click.ClickException('train_hier.py does not run under torchrun: use --gpus N on one machine, or train.py '
-                                   'under torchrun for one stage at a time (see python train_hier.py --dry-run for the stages)')
+        raise hierarchy.PlanError('train_hier.py does not run under torchrun: use --gpus N on one machine, or train.py '
+                                  'under torchrun for one stage at a time (see python train_hier.py --dry-run for the stages)')
     for name in c['metrics'] + hierarchy.parse_list(c['train_options'].get('metrics')):
         metric_main.parse_metric_name(name)                 # MetricError lists the valid forms
     if c['resume'] is not None and not os.path.isfile(c['resume']):
-        raise click.ClickException(f'--resume {c["resume"]}: no such file')
+        raise hierarchy.PlanError(f'--resume {c["resume"]}: no such file')
     manifest = taxonomy.load_manifest(c['datasets'])
     plan = hierarchy.build_plan(manifest, c['outdir'], c['method'], targets=c['targets'], parent=c['parent'], donor=c['donor'],
                                 depth=c['depth'], resume_pkl=c['resume'], kimg_parent=c['kimg_parent'], kimg_child=c['kimg_child'],
@@ -196,22 +162,21 @@ def run(c):
     for stage in plan.stages:
         if stage.derived is not None:
             hierarchy.write_derived_zip(stage.derived)
-        stage_config(stage, os.path.join(c['outdir'], stage.key), stage.start if stage.start_kind == 'pickle' else
-                     (os.path.join(c['outdir'], stage.start) if stage.start_kind == 'stage' else None))
+        stage_config(stage, os.path.join(c['outdir'], stage.key), hierarchy.stage_start_pkl(stage, c['outdir'], final=False))
     if c['metrics'] or hierarchy.parse_list(c['train_options'].get('metrics')):
         _ = resolve_detector(c['detector'], cache_dir=c['cache']).id   # finds (or downloads) and hashes it now
 
-    device = pick_device(c['device'])
+    device = cli.pick_device(c['device'])
     evaluate = functools.partial(hierarchy.evaluate_pickle, device=device, cache_dir=c['cache'], progress=c['progress'])
     # SIGINT and SIGTERM (to the whole process group: timeout, scancel, docker stop) stop the running stage, which writes
     # a snapshot; finished stages are kept, and the same command continues.
     try:
-        with train.stop_signals_end_training():
+        with cli.stop_signals():
             hierarchy.run_plan(plan, manifest, train_stage, c['metrics'], c['detector'], evaluate_fn=evaluate, log=click.echo,
                                progress=c['progress'])
     except KeyboardInterrupt:
-        raise click.ClickException(f'interrupted outside training (finished stages and evaluations are kept); '
-                                   f'{continue_hint()}') from None
+        raise training.RunStopped(f'interrupted outside training (finished stages and evaluations are kept); '
+                                  f'{continue_hint()}') from None
     if c['report']:
         for path in report.write_report(c['outdir'], device=device):
             click.echo(f'wrote {path}')

@@ -72,11 +72,8 @@ def main(num, min_side, max_side, workers):
         make_collection(src, num, min_side, max_side, workers)
         print(f'generated {num} images ({min_side}-{max_side} px) in {time.perf_counter() - t0:.1f} s')
         t0, cpu0 = time.perf_counter(), _cpu_seconds()
-        manifest = collection.build_datasets(
-            source=str(src), dest=str(dest), ranks='class,order', resolution=256, fmt='auto', rank_cols=None,
-            path_col=None, id_col=None, tree_ranks=None, root=None, min_size=256, exclude=None, near_dup_threshold=4,
-            max_per_taxon=None, square='pad', channels='auto', workers=workers, download_threads=8, cache=None,
-            timeout=30.0, retries=3, compress_level=1, dry_run=False)
+        # The command line's defaults (--ranks class,order --resolution 256 --min-size 256 --square pad ...).
+        manifest = collection.build_datasets(collection.BuildOptions(source=str(src), dest=str(dest), workers=workers))
         seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
         size = sum(f.stat().st_size for f in dest.glob('*.zip'))
         print(f'built {len(manifest.taxa)} datasets ({manifest.num_images("Copepoda")} images kept, '

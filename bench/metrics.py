@@ -9,11 +9,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout: bench/ sits beside the package
-from stylegan2ada.dataset import DatasetError, ImageFolderDataset  # noqa: E402
-from stylegan2ada.metrics.detectors import DetectorError, resolve_detector  # noqa: E402
+from stylegan2ada import cli  # noqa: E402
+from stylegan2ada.dataset import ImageFolderDataset  # noqa: E402
+from stylegan2ada.metrics.detectors import resolve_detector  # noqa: E402
+import taxogan_ext.taxon_detector  # noqa: E402,F401  registers the 'taxon' detector kind (--detector taxon:PATH)
 
 
-@click.command()
+@click.command(cls=cli.Command)
 # Main options.
 @click.option('--data',                   help='Dataset zip or folder of real images', metavar='ZIP', type=str, required=True)
 @click.option('--detector',               help='inception, taxon:PATH or a TorchScript PATH', metavar='SPEC', type=str, required=True)
@@ -32,13 +34,10 @@ def main(**kwargs):
     opts = dict(kwargs)
     if opts['threads']:
         torch.set_num_threads(opts['threads'])
-    device = torch.device(opts['device'])
-    try:
-        dataset = ImageFolderDataset(opts['data'], cache=False)
-        detector = resolve_detector(opts['detector'])
-        detector.load(device)
-    except (DatasetError, DetectorError) as exc:
-        raise click.ClickException(str(exc)) from None
+    device = cli.pick_device(opts['device'])
+    dataset = ImageFolderDataset(opts['data'], cache=False)
+    detector = resolve_detector(opts['detector'])
+    detector.load(device)
 
     start = time.perf_counter()
     images = np.stack([dataset[i % len(dataset)][0] for i in range(min(opts['num'], len(dataset)))])

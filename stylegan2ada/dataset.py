@@ -14,7 +14,6 @@ from .util import UserError
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 LABELS_FILE = 'dataset.json'
-MANIFEST_FILE = 'manifest.json'
 
 # PIL modes whose pixels are single-channel intensities; everything else is read as RGB.
 GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'I;16B', 'I;16L', 'F')
@@ -221,28 +220,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return raw, names
 
     def _find_label_names(self, meta, desc):
-        """Class names from dataset.json's "label_names", else from this dataset's entry in a manifest.json beside it."""
+        """Class names from dataset.json's "label_names" (position = class index), or None."""
         names = meta.get('label_names')
-        if names is not None:
-            if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-                raise DatasetError(f'{desc}: "label_names" must be a list of strings')
-            return list(names)
-        manifest_path = os.path.join(os.path.dirname(os.path.abspath(os.path.normpath(self._path))), MANIFEST_FILE)
-        if not os.path.isfile(manifest_path):
+        if names is None:
             return None
-        try:
-            with open(manifest_path, 'r', encoding='utf-8') as f:
-                manifest = json.load(f)
-        except (OSError, ValueError):
-            return None  # the manifest is the dataset tool's business; a broken one only costs the names
-        base = os.path.basename(os.path.normpath(self._path))
-        taxa = manifest.get('taxa') if isinstance(manifest, dict) else None
-        for entry in (taxa or {}).values():
-            if isinstance(entry, dict) and entry.get('dataset') == base:
-                labels = entry.get('labels')
-                if isinstance(labels, list) and all(isinstance(n, str) for n in labels):
-                    return list(labels)
-        return None
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise DatasetError(f'{desc}: "label_names" must be a list of strings')
+        return list(names)
 
     # ------------------------------------------------------------------
     # Items.

@@ -1,4 +1,4 @@
-"""Image conversions and grids shared by generation, training snapshots and reports."""
+"""Image generation, conversions and grids shared by generate.py, training snapshots and reports."""
 
 import numpy as np
 import PIL.Image
@@ -49,3 +49,26 @@ def save_image_grid(images_uint8, path, grid_size=None):
     """Tile uint8 images [N, C, H, W] and save them as one PNG."""
     grid_size = grid_size or grid_size_for(len(images_uint8))
     save_png_atomic(to_pil(make_grid(images_uint8, grid_size)), path)
+
+
+def generate_images(
+    G,                              # generator: G(z, c, truncation_psi=, noise_mode=) -> float images in [-1, 1]
+    seeds,                          # one image per seed; its z is drawn from np.random.RandomState(seed)
+    label           = None,         # conditioning vector [c_dim] of every image; None = no label (zeros of size c_dim)
+    truncation_psi  = 1,            # truncation: 1 = none
+    noise_mode      = 'const',      # 'const', 'random' or 'none'
+    device          = 'cpu',        # torch device of G
+    batch_size      = 16,           # images per forward pass
+):
+    """uint8 images [len(seeds), C, H, W] on the CPU, one per seed."""
+    c = torch.zeros([1, G.c_dim], device=device)
+    if label is not None:
+        c[:] = torch.as_tensor(label, device=device)
+    out = []
+    for start in range(0, len(seeds), batch_size):
+        chunk = seeds[start:start + batch_size]
+        z = torch.from_numpy(np.stack([np.random.RandomState(s).randn(G.z_dim) for s in chunk])).to(device, torch.float32)
+        with torch.no_grad():
+            img = G(z, c.expand(len(chunk), -1), truncation_psi=truncation_psi, noise_mode=noise_mode)
+        out.append(to_uint8(img).cpu())
+    return torch.cat(out)

@@ -25,6 +25,8 @@ from .dataset import ImageFolderDataset, InfiniteSampler
 from .distributed import all_reduce_sum_, collective_device
 from .image_utils import grid_size_for, save_image_grid, to_uint8
 from .loss import StyleGAN2Loss
+from .metrics import metric_main
+from .metrics.detectors import resolve_detector
 from .training_stats import StatsCollector
 from .util import UserError, format_duration, remove_stale_temp_files, worker_init_ignoring_stop_signals
 
@@ -55,7 +57,7 @@ def latest_snapshot(run_dir):
 def copy_params_and_buffers(
     src,                    # module to copy from (e.g. a pickle's network)
     dst,                    # module to copy into
-    require_all = False,    # raise ValueError, copying nothing, unless every tensor of both has its counterpart
+    require_all = False,    # raise NetworkPickleError, copying nothing, unless every tensor of both has its counterpart
     source      = 'the source network',     # how messages name src
 ):
     """Copy tensors with matching names and shapes from src to dst; returns the names of dst's tensors not copied."""
@@ -63,9 +65,9 @@ def copy_params_and_buffers(
         # Checked before copying: a partial copy followed by an error would leave dst half-transferred.
         unfilled, unused = pickles.tensor_mismatches(src, dst)
         if unfilled or unused:
-            raise ValueError(f'{source}: {len(unfilled)} tensor(s) would keep their random initialisation and {len(unused)} '
-                             f'of the pickle would go unused: {"; ".join((unfilled + unused)[:4])}'
-                             f'{"; ..." if len(unfilled) + len(unused) > 4 else ""}')
+            raise pickles.NetworkPickleError(f'{source}: {len(unfilled)} tensor(s) would keep their random initialisation and {len(unused)} '
+                                             f'of the pickle would go unused: {"; ".join((unfilled + unused)[:4])}'
+                                             f'{"; ..." if len(unfilled) + len(unused) > 4 else ""}')
     src_tensors = pickles.module_tensors(src)
     skipped = []
     with torch.no_grad():
@@ -411,7 +413,7 @@ def training_loop(
         resume_data = pickles.load_network_pkl(resume_pkl)
         for name, module in [('G', G), ('D', D), ('G_ema', G_ema)]:
             if resume_data.get(name) is None:
-                raise ValueError(f'{resume_pkl}: the pickle has no {name}')
+                raise pickles.NetworkPickleError(f'{resume_pkl}: the pickle has no {name}')
             skipped = copy_params_and_buffers(resume_data[name], module, require_all=not resume_partial,
                                               source=f'{resume_pkl}: {name}')
             if skipped:
@@ -419,7 +421,7 @@ def training_loop(
                          f'(partial transfer): {skipped[:4]}{"..." if len(skipped) > 4 else ""}')
         progress = resume_data.get('progress')
         if resume_mode == 'full' and progress is None:
-            raise ValueError(f'{resume_pkl}: --resume-mode full needs one of our snapshots (this pickle has no training progress)')
+            raise pickles.NetworkPickleError(f'{resume_pkl}: --resume-mode full needs one of our snapshots (this pickle has no training progress)')
         if progress is not None and resume_mode in ('auto', 'full'):
             cur_nimg, cur_tick, batch_idx = progress['cur_nimg'], progress['cur_tick'], progress['batch_idx']
             for key, opt in optimizers.items():
@@ -494,7 +496,6 @@ def training_loop(
 
     # The metrics' detector is loaded once (and fails now, not at the first snapshot, if it is missing).
     if metrics:
-        from .metrics.detectors import resolve_detector
         detector = resolve_detector(detector, progress=(rank == 0))
 
     # Non-finite losses and ADA's sign statistics, watched on the device and read once per tick / ADA interval.
@@ -622,7 +623,6 @@ def training_loop(
 
 def _evaluate(metrics, G_ema, training_set_kwargs, detector, num_gpus, rank, device, run_dir, snapshot_pkl, log):
     """Run each metric on the snapshot's G_ema and append it to metric-<name>.jsonl."""
-    from .metrics import metric_main
     for metric in metrics:
         result = metric_main.calc_metric(metric=metric, G=G_ema, dataset_kwargs=training_set_kwargs, detector=detector,
                                          num_gpus=num_gpus, rank=rank, device=device)

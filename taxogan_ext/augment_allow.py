@@ -6,6 +6,7 @@ the result is the multiplier kwargs for `stylegan2ada.augment.AugmentPipe`.
 """
 
 from stylegan2ada.augment import PRESETS, TRANSFORMS
+from stylegan2ada.util import UserError
 
 # Named sets usable inside --aug-allow / --aug-deny.
 NAMED_SETS = {
@@ -13,6 +14,10 @@ NAMED_SETS = {
                        'imgfilter', 'noise', 'cutout'),
     'leakfree-geom':  ('xflip', 'rotate90', 'rotate'),
 }
+
+
+class AugmentChoiceError(UserError):
+    """An --augpipe / --aug-allow / --aug-deny choice that names no known transform or leaves none; one line."""
 
 
 def valid_names():
@@ -24,7 +29,7 @@ def parse_names(
     spec,                   # comma-separated transform names and named sets, e.g. 'xflip,leakfree-geom'
     option  = 'aug-allow',  # option name used in error messages
 ):
-    """Expand a comma-separated list into a set of transform names; unknown names raise ValueError."""
+    """Expand a comma-separated list into a set of transform names; unknown names raise AugmentChoiceError."""
     names = set()
     for item in (s.strip().lower() for s in spec.split(',')):
         if not item:
@@ -34,7 +39,7 @@ def parse_names(
         elif item in TRANSFORMS:
             names.add(item)
         else:
-            raise ValueError(f'--{option}: unknown augmentation {item!r}; valid {valid_names()}')
+            raise AugmentChoiceError(f'--{option}: unknown augmentation {item!r}; valid {valid_names()}')
     return names
 
 
@@ -45,10 +50,10 @@ def resolve_augment_kwargs(
 ):
     """Return AugmentPipe multiplier kwargs: the preset's entries, filtered by allow and deny."""
     if augpipe is None and allow is None and deny is None:
-        raise ValueError('no augmentations chosen: give --augpipe, --aug-allow or --aug-deny')
+        raise AugmentChoiceError('no augmentations chosen: give --augpipe, --aug-allow or --aug-deny')
     if augpipe is not None:
         if augpipe not in PRESETS:
-            raise ValueError(f'--augpipe: unknown preset {augpipe!r}; valid presets: {", ".join(PRESETS)}')
+            raise AugmentChoiceError(f'--augpipe: unknown preset {augpipe!r}; valid presets: {", ".join(PRESETS)}')
         start = dict(PRESETS[augpipe])
     else:
         start = {t: 1 for t in TRANSFORMS}
@@ -58,7 +63,7 @@ def resolve_augment_kwargs(
     result = {t: start[t] for t in TRANSFORMS if t in start and t in keep and t not in drop}
     if not result:
         base = f'--augpipe {augpipe}' if augpipe is not None else 'all transforms'
-        raise ValueError(f'no augmentation left: {base}, --aug-allow {allow}, --aug-deny {deny}')
+        raise AugmentChoiceError(f'no augmentation left: {base}, --aug-allow {allow}, --aug-deny {deny}')
     return result
 
 

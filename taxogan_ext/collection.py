@@ -1,13 +1,16 @@
 """Image collections (folder tree, BOLD-style table, EcoTaxa export) -> per-taxon training sets.
 
-The build runs in stages, each over all images in a fixed order (sources sorted by name):
-read the source into records, drop records without a taxon or on the exclusion list, download
-URLs into a cache, decode/check/square/resize every image in parallel (writing a staged PNG),
-drop exact and near duplicates and images over --max-per-taxon, then write one zip per taxon
-and the manifest, every file under a temporary name renamed into place at the end.
+`build_datasets(BuildOptions(...))` is a pipeline of stages, each over all images in a fixed order (sources
+sorted by name), each passing on what it kept and saying what it dropped and why (`Sifted`):
+checked_options -> read_records -> place_records (taxon path at the chosen ranks, exclusion list) ->
+fetch_records (URLs into a download cache) -> decode_images (decode, check, square, resize in parallel, a staged
+PNG each) -> drop_duplicates (exact and near) -> cap_per_taxon (--max-per-taxon) -> settle_channels ->
+write_datasets (one zip per taxon with its labels and class names, then the manifest; every file under a temporary
+name renamed into place at the end).
 """
 
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -28,7 +31,7 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.util.retry import Retry
 
-from stylegan2ada.util import UserError, make_temp_file
+from stylegan2ada.util import UserError, atomic_write, make_temp_file, sha256_file, write_json_atomic
 from taxogan_ext import taxonomy
 
 DEFAULT_RANK_COLS = ('phylum_name', 'class_name', 'order_name', 'family_name', 'genus_name', 'species_name')
@@ -339,18 +342,12 @@ def download(
     with response:
         if response.status_code != 200:
             raise OSError(f'HTTP {response.status_code} {response.reason or ""}'.strip())
-        fd, tmp = make_temp_file(cache_dir, prefix=f'.{target.name}.', suffix='.tmp')
         try:
-            with os.fdopen(fd, 'wb') as f:
+            with atomic_write(target, 'wb') as f:
                 for chunk in response.iter_content(chunk_size=1 << 16):
                     f.write(chunk)
-            os.replace(tmp, target)
         except requests.RequestException as e:
-            os.remove(tmp)
             raise OSError(f'{type(e).__name__}: {_one_line(e)}') from None
-        except BaseException:
-            os.remove(tmp)
-            raise
     return str(target)
 
 def download_all(
@@ -448,10 +445,6 @@ def dhash64(img: Image.Image) -> int:
     bits = (small[:, 1:] > small[:, :-1]).reshape(-1)                                          # [64]
     return int.from_bytes(np.packbits(bits).tobytes(), 'big')
 
-def hamming(a: int, b: int) -> int:
-    """Number of differing bits of two hashes."""
-    return bin(a ^ b).count('1')
-
 POPCOUNT_IMPLS = ('auto', 'ref', 'numpy', 'bytes')
 
 def popcount64(
@@ -540,64 +533,375 @@ def _zip_info(name: str, compress: int) -> zipfile.ZipInfo:
     return info
 
 def write_zip(
-    path:       Path,                   # final path; written to a temporary name beside it first
-    members:    list[tuple[str, str]],  # (name in zip, staged file), sorted by name
-    labels:     list | None,            # [[name, class index], ...] or None
-) -> tuple[str, str]:
-    """Write a dataset zip under a temporary name; returns (temporary path, hex SHA-256 of its bytes)."""
-    fd, tmp = make_temp_file(path.parent, prefix=f'.{path.name}.', suffix='.tmp')   # final zip: readable by others
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, 'w') as zf:
-            for name, staged in members:
-                # PNGs are compressed already: storing them keeps reads fast and costs nothing.
-                with open(staged, 'rb') as f:
-                    zf.writestr(_zip_info(name, zipfile.ZIP_STORED), f.read())
-            meta = json.dumps({'labels': labels}, separators=(',', ':'))
-            zf.writestr(_zip_info('dataset.json', zipfile.ZIP_DEFLATED), meta)
-        digest = hashlib.sha256()
-        with open(tmp, 'rb') as f:
-            for block in iter(lambda: f.read(1 << 20), b''):
-                digest.update(block)
-    except BaseException:
-        os.remove(tmp)
-        raise
-    return tmp, digest.hexdigest()
+    f,                                  # binary file open for writing (atomic_write's)
+    members:        list[tuple[str, str]],  # (name in zip, staged file), sorted by name
+    labels:         list | None,        # [[name, class index], ...] or None
+    label_names:    list | None,        # class names, position = class index; with `labels` only
+) -> None:
+    """Write a dataset zip: the PNGs as stored, then dataset.json with the labels and their class names."""
+    with zipfile.ZipFile(f, 'w') as zf:
+        for name, staged in members:
+            # PNGs are compressed already: storing them keeps reads fast and costs nothing.
+            with open(staged, 'rb') as png:
+                zf.writestr(_zip_info(name, zipfile.ZIP_STORED), png.read())
+        # The class names travel with the labels, so that a zip is readable without the manifest.
+        meta = {'labels': labels} if labels is None else {'labels': labels, 'label_names': label_names}
+        zf.writestr(_zip_info('dataset.json', zipfile.ZIP_DEFLATED), json.dumps(meta, separators=(',', ':')))
 
-#----------------------------------------------------------------------------
-# The build.
-
-def _write_zips(
-    dest:       Path,
-    taxa:       dict,                   # name -> entry with rank, dataset, labels (tree order)
+def _zip_contents(
+    taxa:       dict,                   # name -> entry with labels (tree order)
     files:      list[tuple],            # (name in zip, taxon path, staged PNG), sorted by name
-    ranks:      list[str],              # chosen ranks, top first
-    tmp_zips:   list[str],              # temporary files written so far; the caller removes leftovers
-) -> dict[str, str]:
-    """Write every taxon's zip under a temporary name, then rename them all; returns name -> SHA-256."""
+) -> tuple[dict, dict]:
+    """Each taxon's members [(name in zip, staged PNG)] and labels [[name, class index]] (None: unlabelled)."""
     members = {name: [] for name in taxa}
-    labels = {name: [] for name in taxa}
+    labels = {name: [] if entry['labels'] is not None else None for name, entry in taxa.items()}
     class_index = {name: {label: i for i, label in enumerate(e['labels'] or [])} for name, e in taxa.items()}
     for file, path, staged in files:
         for depth, name in enumerate(path):
             members[name].append((file, staged))
-            if taxa[name]['labels'] is not None:
+            if labels[name] is not None:
                 label = path[depth + 1] if depth + 1 < len(path) else taxonomy.unplaced_label(name)
                 labels[name].append([file, class_index[name][label]])
-    hashes = {}
-    done = []
-    with tqdm(total=sum(len(m) for m in members.values()), desc='zips', unit='img', disable=None) as bar:
+    return members, labels
+
+def write_zips(
+    dest:       Path,
+    taxa:       dict,                   # name -> entry with dataset and labels (tree order)
+    files:      list[tuple],            # (name in zip, taxon path, staged PNG), sorted by name
+) -> dict[str, str]:
+    """Write every taxon's zip, all renamed into place only once all are written; returns name -> SHA-256."""
+    members, labels = _zip_contents(taxa, files)
+    # An interrupted build leaves the previous zips as they were: every atomic_write of the stack renames its file
+    # when the stack closes without an error, and removes it otherwise.
+    with contextlib.ExitStack() as stack, \
+            tqdm(total=sum(len(m) for m in members.values()), desc='zips', unit='img', disable=None) as bar:
         for name, entry in taxa.items():
-            tmp, hashes[name] = write_zip(dest / entry['dataset'], members[name],
-                                          labels[name] if entry['labels'] is not None else None)
-            tmp_zips.append(tmp)
-            done.append((tmp, dest / entry['dataset']))
+            f = stack.enter_context(atomic_write(dest / entry['dataset'], 'wb'))
+            write_zip(f, members[name], labels[name], entry['labels'])
             bar.update(len(members[name]))
-    # Renamed only once all are written, so an interrupted build leaves the previous zips as they were.
-    for tmp, final in done:
-        os.replace(tmp, final)
-        tmp_zips.remove(tmp)
-    return hashes
+    return {name: sha256_file(dest / entry['dataset']) for name, entry in taxa.items()}
+
+#----------------------------------------------------------------------------
+# The build's options and what its stages pass on.
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """Everything a build depends on; the defaults are those of `dataset_tool_ext.py build`."""
+    source:             str                             # folder tree, BOLD-style table or EcoTaxa export
+    dest:               str                             # output folder for <Taxon>.zip and manifest.json
+    ranks:              str | tuple = 'class,order'     # ranks to build a dataset for, top first ('a,b' or a sequence)
+    resolution:         int = 256                       # output side in pixels, a power of two
+    fmt:                str = 'auto'                    # 'auto', 'tree', 'bold' or 'ecotaxa'
+    rank_cols:          str | tuple | None = DEFAULT_RANK_COLS  # BOLD taxonomy columns, top first; None: DEFAULT_RANK_COLS
+    path_col:           str | None = None               # image path/URL column; None: detect
+    id_col:             str | None = None               # id column matched by --exclude; None: detect
+    tree_ranks:         str | tuple | None = None       # ranks of folder/hierarchy levels; None: `ranks`
+    root:               str | None = None               # taxon at tree_ranks[0]; None: top folder / shared EcoTaxa taxon
+    min_size:           int = 256                       # pixels; both sides must be >= it; 0 keeps all
+    exclude:            str | None = None               # file listing ids/paths/URLs to leave out; None: none
+    near_dup_threshold: int = 4                         # max dHash Hamming distance of a near duplicate; -1: no check
+    max_per_taxon:      int | None = None               # images kept per taxon at its deepest rank; None: all
+    square:             str = 'pad'                     # 'pad', 'crop' or 'stretch'
+    channels:           str = 'auto'                    # '1', '3' or 'auto'
+    workers:            int | None = None               # processes; None: all cores
+    download_threads:   int = 8                         # concurrent downloads
+    cache:              str | None = None               # download cache folder; None: DEST/.download-cache
+    timeout:            float = 30.0                    # seconds per HTTP connect/read
+    retries:            int = 3                         # HTTP retries after the first try
+    compress_level:     int = 1                         # PNG zlib level 0-9
+    dry_run:            bool = False                    # print the plan, touch nothing
+
+    def manifest_options(self, fmt: str) -> dict:
+        """The options as the manifest records them (checked_options' values, the format as read)."""
+        return dict(source=str(self.source), dest=str(self.dest), ranks=list(self.ranks), resolution=self.resolution,
+                    format=fmt, rank_cols=list(self.rank_cols), path_col=self.path_col, id_col=self.id_col,
+                    tree_ranks=list(self.tree_ranks), root=self.root, min_size=self.min_size, exclude=self.exclude,
+                    near_dup_threshold=self.near_dup_threshold, max_per_taxon=self.max_per_taxon, square=self.square,
+                    channels=self.channels, workers=self.workers, download_threads=self.download_threads,
+                    cache=self.cache, timeout=self.timeout, retries=self.retries, compress_level=self.compress_level)
+
+@dataclasses.dataclass(frozen=True)
+class StagedImage:
+    """An image that decoded and passed the checks: its record, its staged PNG and what process_image found."""
+    record:     Record
+    staged:     str                     # the staged PNG: square, at the output resolution
+    facts:      dict                    # process_image's result: width, height, gray, content (SHA-256), dhash
+
+@dataclasses.dataclass(frozen=True)
+class Sifted:
+    """What one stage of the build passes on, and what it dropped and why."""
+    kept:       list                    # records or StagedImages, in source order
+    dropped:    list[dict]              # [{source, reason, detail}, ...] in the order the stage met them
+
+def _dropped(record: Record, reason: str, detail: str) -> dict:
+    return dict(source=record.source, reason=reason, detail=detail)
+
+def count_drops(dropped: list[dict]) -> dict[str, int]:
+    """Drops per reason, every reason of taxonomy.DROP_REASONS listed (in its order)."""
+    counts = {reason: 0 for reason in taxonomy.DROP_REASONS}
+    for item in dropped:
+        counts[item['reason']] += 1
+    return counts
+
+def format_reasons(counts: dict) -> str:
+    """'too_small 3, unreadable 2' (reasons with a zero count left out)."""
+    return ', '.join(f'{reason} {n}' for reason, n in counts.items() if n)
+
+def format_dropped(counts: dict) -> str:
+    """'dropped 5: too_small 3, unreadable 2' (reasons with a zero count left out)."""
+    reasons = format_reasons(counts)
+    return f'dropped {sum(counts.values())}' + (': ' + reasons if reasons else '')
+
+#----------------------------------------------------------------------------
+# The build's stages, in the order they run.
+
+def checked_options(options: BuildOptions) -> BuildOptions:
+    """The options with lists parsed and defaults filled in (workers, cache); CollectionError for a bad value."""
+    ranks = _parse_list(options.ranks)
+    if not ranks:
+        raise CollectionError('--ranks is empty: name the ranks to build datasets for, e.g. class,order')
+    if options.resolution < 4 or options.resolution & (options.resolution - 1):
+        raise CollectionError(f'--resolution {options.resolution}: must be a power of two (4 or more)')
+    if options.square not in SQUARE_MODES:
+        raise CollectionError(f'--square {options.square}: must be one of {", ".join(SQUARE_MODES)}')
+    if str(options.channels) not in ('1', '3', 'auto'):
+        raise CollectionError(f'--channels {options.channels}: must be 1, 3 or auto')
+    cache = Path(options.cache) if options.cache else Path(options.dest) / '.download-cache'
+    return dataclasses.replace(options, ranks=tuple(ranks),
+                               rank_cols=tuple(_parse_list(options.rank_cols) or DEFAULT_RANK_COLS),
+                               tree_ranks=tuple(_parse_list(options.tree_ranks) or ranks),
+                               channels=str(options.channels), workers=options.workers or default_workers(),
+                               cache=str(cache))
+
+def read_records(
+    options:    BuildOptions,           # checked_options'
+    log,                                # where to print notes
+) -> tuple[list[Record], str]:
+    """The collection's records sorted by source, and the format it was read as; CollectionError for bad input."""
+    source = Path(options.source)
+    records, available, fmt = read_source(source, options.fmt, list(options.rank_cols), options.path_col,
+                                          options.id_col, list(options.tree_ranks), options.root,
+                                          skip=[Path(options.dest), Path(options.cache)])
+    if fmt == 'ecotaxa' and options.root is None:
+        top = next((record.lineage[0] for record in records if record.lineage), None)
+        if top is not None:
+            log(f'EcoTaxa root: {top[1]} taken as the {top[0]} (the deepest taxon every annotated row shares); '
+                f'--root NAME to choose another')
+    if fmt != 'bold':
+        # Folder and hierarchy levels have no rank names of their own: catch typos against the standard ranks.
+        _check_ranks(list(options.tree_ranks), list(taxonomy.STANDARD_RANKS), source, '--tree-ranks',
+                     what='--tree-ranks')
+    _check_ranks(list(options.ranks), available, source, '--rank-cols' if fmt == 'bold' else '--tree-ranks')
+    if not records:
+        raise CollectionError(f'{source}: no images found')
+    # A fixed order (sort is stable: a source listed twice keeps its rows' order): everything downstream, file names
+    # and which duplicate is kept, follows it.
+    records = sorted(records, key=lambda record: record.source)
+    named = {rank for record in records for rank, _name in record.lineage}
+    missing = [rank for rank in options.ranks if rank not in named]
+    if missing:
+        # Deeper than the source goes (a tree two folders deep asked for family): no dataset could have that rank.
+        raise CollectionError(f'{source}: no image is identified to rank {missing[0]!r} '
+                              f'(ranks with names here: {", ".join(r for r in available if r in named) or "none"})')
+    return records, fmt
+
+def place_records(
+    records:    list[Record],           # read_records'
+    options:    BuildOptions,           # checked_options'
+    log,                                # where to print the warning about unused exclusions
+) -> Sifted:
+    """Records with their taxon path at the chosen ranks; drops those on the exclusion list and those without a taxon."""
+    exclusions = read_exclusions(Path(options.exclude)) if options.exclude else []
+    excluded_keys = set(exclusions)
+    matched = set()
+    kept, dropped = [], []
+    for record in records:
+        lineage = dict(record.lineage)
+        path = []
+        for rank in options.ranks:
+            if rank not in lineage:
+                break
+            path.append(lineage[rank])
+        record = dataclasses.replace(record, path=tuple(path))
+        hits = _exclusion_keys(record) & excluded_keys
+        if hits:
+            matched |= hits
+            dropped.append(_dropped(record, 'excluded', f'listed in {options.exclude}'))
+        elif record.problem or not record.path:
+            dropped.append(_dropped(record, 'no_taxon', record.problem or f'not identified to {options.ranks[0]}'))
+        else:
+            kept.append(record)
+    unmatched = [entry for entry in exclusions if entry not in matched]
+    if unmatched:
+        log(f'warning: {len(unmatched)} of {len(exclusions)} exclusion entries match no image: {_preview(unmatched, 5)}')
+    try:
+        taxonomy.build_tree([(r.path, r.source) for r in kept], list(options.ranks))    # fail early on homonyms
+    except ValueError as e:
+        raise CollectionError(f'{Path(options.source)}: {e}') from None
+    return Sifted(kept, dropped)
+
+def fetch_records(
+    records:    list[Record],           # place_records' kept
+    options:    BuildOptions,           # checked_options'
+) -> Sifted:
+    """Records with the local file to read (URLs downloaded into the cache); drops the failed downloads."""
+    urls = sorted({r.location for r in records if _is_url(r.location)})
+    fetched = download_all(urls, Path(options.cache), options.timeout, options.retries,
+                           options.download_threads) if urls else {}
+    kept, dropped = [], []
+    for record in records:
+        local, why = fetched[record.location] if _is_url(record.location) else (record.location, '')
+        if local is None:
+            dropped.append(_dropped(record, 'download_failed', why))
+        else:
+            kept.append(dataclasses.replace(record, local=local))
+    return Sifted(kept, dropped)
+
+def decode_images(
+    records:    list[Record],           # fetch_records' kept
+    options:    BuildOptions,           # checked_options'
+    stage_dir:  Path,                   # where the staged PNGs go
+) -> Sifted:
+    """StagedImages of the images that decode and are large enough; drops the others (on `workers` processes)."""
+    tasks = [dict(index=i, local=r.local, min_size=options.min_size, resolution=options.resolution,
+                  square=options.square, compress_level=options.compress_level, stage=str(stage_dir / f'{i:08d}.png'))
+             for i, r in enumerate(records)]
+    results = _parallel_map(process_image, tasks, options.workers, 'images')
+    kept, dropped = [], []
+    for record, task, result in zip(records, tasks, results):
+        if result['status'] != 'ok':
+            dropped.append(_dropped(record, result['status'], result['detail']))
+        else:
+            kept.append(StagedImage(record, task['stage'], result))
+    return Sifted(kept, dropped)
+
+def drop_duplicates(
+    images:     list[StagedImage],      # decode_images' kept
+    threshold:  int,                    # max dHash Hamming distance of a near duplicate; -1: no near-duplicate check
+) -> Sifted:
+    """The first image of each content in source order; drops later exact copies and near duplicates of kept ones."""
+    kept, dropped = [], []
+    first_by_content = {}
+    kept_hashes = np.zeros(len(images), dtype=np.uint64)   # dHashes of the kept images, [len(kept)] filled
+    for image in images:
+        facts, record = image.facts, image.record
+        original = first_by_content.get(facts['content'])
+        if original is not None:
+            dropped.append(_dropped(record, 'duplicate', f'same pixels as {original}'))
+            continue
+        if threshold >= 0 and kept:
+            distances = popcount64(kept_hashes[:len(kept)] ^ np.uint64(facts['dhash']))
+            nearest = int(np.argmin(distances))
+            if distances[nearest] <= threshold:
+                dropped.append(_dropped(record, 'near_duplicate',
+                                        f'dHash distance {int(distances[nearest])} to {kept[nearest].record.source}'))
+                continue
+        first_by_content[facts['content']] = record.source
+        kept_hashes[len(kept)] = facts['dhash']
+        kept.append(image)
+    return Sifted(kept, dropped)
+
+def cap_per_taxon(
+    images:         list[StagedImage],  # drop_duplicates' kept
+    max_per_taxon:  int | None,         # images kept per taxon at its deepest rank; None: all
+) -> Sifted:
+    """At most `max_per_taxon` images of each deepest taxon: those with the smallest content hashes."""
+    if max_per_taxon is None:
+        return Sifted(list(images), [])
+    # The smallest content hashes: a fixed pseudo-random choice that does not favour any file names.
+    groups = {}
+    for i, image in enumerate(images):
+        groups.setdefault(image.record.path[-1], []).append(i)
+    over, dropped = set(), []
+    for taxon, indices in groups.items():
+        if len(indices) > max_per_taxon:
+            for i in sorted(indices, key=lambda k: images[k].facts['content'])[max_per_taxon:]:
+                over.add(i)
+                dropped.append(_dropped(images[i].record, 'max_per_taxon',
+                                        f'{taxon} has {len(indices)} images, {max_per_taxon} kept'))
+    return Sifted([image for i, image in enumerate(images) if i not in over], dropped)
+
+def settle_channels(
+    images:     list[StagedImage],      # the images to write
+    options:    BuildOptions,           # checked_options'
+) -> int:
+    """The output channel count (auto: 1 only if every image is grayscale); rewrites the staged PNGs that differ."""
+    channels = int(options.channels) if options.channels != 'auto' else (1 if all(i.facts['gray'] for i in images) else 3)
+    convert = [dict(stage=image.staged, channels=channels, compress_level=options.compress_level)
+               for image in images if image.facts['gray'] != (channels == 1)]
+    if convert:
+        _parallel_map(convert_staged, convert, options.workers, 'channels')
+    return channels
+
+def write_datasets(
+    images:     list[StagedImage],      # the images to write, in source order
+    dropped:    list[dict],             # every drop of the build, sorted by source
+    channels:   int,                    # settle_channels'
+    options:    BuildOptions,           # checked_options'
+    fmt:        str,                    # the format the source was read as
+) -> taxonomy.Manifest:
+    """Write one zip per taxon (file names in source order), then DEST/manifest.json; returns the manifest."""
+    dest = Path(options.dest)
+    files = [(f'img{k:08d}.png', image) for k, image in enumerate(images)]
+    taxa = _taxa_entries(taxonomy.build_tree([(image.record.path, image.record.source) for image in images],
+                                             list(options.ranks)))
+    hashes = write_zips(dest, taxa, [(file, image.record.path, image.staged) for file, image in files])
+    listing = [dict(file=file, source=image.record.source, taxon=image.record.path[-1], sha256=image.facts['content'])
+               for file, image in files]
+    data = _manifest_data(taxa, hashes, options.manifest_options(fmt), channels, dropped, dict(images=listing))
+    write_json_atomic(dest / taxonomy.MANIFEST_NAME, data)
+    return taxonomy.manifest_from_dict(data, dest)
+
+#----------------------------------------------------------------------------
+# The build.
+
+def build_datasets(
+    options:    BuildOptions,           # what to build from, and how
+    log         = print,                # where to print notes and the summary
+) -> taxonomy.Manifest | None:
+    """Build DEST/<Taxon>.zip for every taxon at the options' ranks and DEST/manifest.json; returns the manifest."""
+    options = checked_options(options)
+    records, fmt = read_records(options, log)
+    placed = place_records(records, options, log)
+    if options.dry_run:
+        _print_plan(placed, len(records), options, fmt, log)
+        return None
+    dest = Path(options.dest)
+    _check_dest(dest)
+    fetched = fetch_records(placed.kept, options)
+    stage_dir = Path(tempfile.mkdtemp(dir=dest, prefix='.build-'))
+    try:
+        decoded = decode_images(fetched.kept, options, stage_dir)
+        unique = drop_duplicates(decoded.kept, options.near_dup_threshold)
+        capped = cap_per_taxon(unique.kept, options.max_per_taxon)
+        # By source; sort is stable, so the drops of one source keep the order of the stages that made them.
+        dropped = sorted(placed.dropped + fetched.dropped + decoded.dropped + unique.dropped + capped.dropped,
+                         key=lambda item: item['source'])
+        if not capped.kept:
+            raise CollectionError(f'{Path(options.source)}: all {len(records)} images were dropped '
+                                  f'({format_reasons(count_drops(dropped))}); nothing to build')
+        channels = settle_channels(capped.kept, options)
+        manifest = write_datasets(capped.kept, dropped, channels, options, fmt)
+    finally:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+    log(manifest.format_tree())
+    log(format_dropped(manifest.dropped_counts))
+    log(f'wrote {len(manifest.taxa)} datasets ({options.resolution}x{options.resolution}, {channels} '
+        f'channel{"s" if channels > 1 else ""}) and {taxonomy.MANIFEST_NAME} to {dest}')
+    return manifest
+
+def _print_plan(placed: Sifted, num_records: int, options: BuildOptions, fmt: str, log) -> None:
+    """The dry run's report: the taxa and counts before the image checks, and the files a build would write."""
+    source, dest = Path(options.source), Path(options.dest)
+    taxa = _taxa_entries(taxonomy.build_tree([(r.path, r.source) for r in placed.kept], list(options.ranks)))
+    plan = taxonomy.manifest_from_dict(_manifest_data(taxa, {}, dict(ranks=list(options.ranks), resolution=0), 0,
+                                                     placed.dropped, {}), dest)
+    log(f'dry run: {num_records} images listed in {source} ({fmt}); {len(placed.kept)} candidates '
+        f'(counts before the image checks: size, readability, duplicates, --max-per-taxon)')
+    if placed.kept:
+        log(plan.format_tree())
+    log(format_dropped(count_drops(placed.dropped)))
+    log(f'would write to {dest}: ' + ', '.join([e['dataset'] for e in taxa.values()] + [taxonomy.MANIFEST_NAME]))
 
 def _check_ranks(
     ranks:      list[str],              # ranks asked for
@@ -621,14 +925,11 @@ def _check_ranks(
 def _check_dest(dest: Path) -> None:
     try:
         dest.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=dest, prefix='.write-test-')
+        fd, probe = make_temp_file(dest, prefix='.write-test-')
         os.close(fd)
         os.remove(probe)
     except OSError as e:
         raise CollectionError(f'{dest}: destination is not writable: {e.strerror or e}') from None
-
-def _drop(dropped: list, record: Record, reason: str, detail: str) -> None:
-    dropped.append(dict(source=record.source, reason=reason, detail=detail))
 
 def _taxa_entries(tree: dict) -> dict:
     """Tree-ordered taxa with their label lists, from build_tree's output."""
@@ -648,236 +949,22 @@ def _taxa_entries(tree: dict) -> dict:
         visit(root)
     return ordered
 
-def _make_manifest(taxa: dict, hashes: dict, config: dict, channels: int, dropped: list, extra: dict):
-    counts = {reason: 0 for reason in taxonomy.DROP_REASONS}
-    for item in dropped:
-        counts[item['reason']] += 1
-    data = {
+def _manifest_data(
+    taxa:       dict,                   # _taxa_entries'
+    hashes:     dict,                   # taxon -> SHA-256 of its zip ('' where missing)
+    config:     dict,                   # the options as recorded (ranks and resolution at least)
+    channels:   int,
+    dropped:    list[dict],             # every drop, sorted by source
+    extra:      dict,                   # further top-level keys (the image list)
+) -> dict:
+    """The manifest as JSON-ready data (format taxonomy.MANIFEST_FORMAT)."""
+    return {
         'format': taxonomy.MANIFEST_FORMAT, 'ranks': list(config['ranks']), 'resolution': config['resolution'],
         'channels': channels, 'options': config,
         'taxa': {name: dict(rank=e['rank'], parent=e['parent'], children=e['children'], dataset=e['dataset'],
                             num_images=e['num_images'], num_images_direct=e['num_images_direct'], labels=e['labels'],
                             sha256=hashes.get(name, '')) for name, e in taxa.items()},
-        'dropped': dropped, 'dropped_counts': counts, **extra,
+        'dropped': dropped, 'dropped_counts': count_drops(dropped), **extra,
     }
-    return data
-
-def format_dropped(counts: dict) -> str:
-    """'dropped 5: too_small 3, unreadable 2' (reasons with a zero count left out)."""
-    total = sum(counts.values())
-    parts = [f'{reason} {n}' for reason, n in counts.items() if n]
-    return f'dropped {total}' + (': ' + ', '.join(parts) if parts else '')
-
-def build_datasets(
-    source:             str,            # folder tree, BOLD-style table or EcoTaxa export
-    dest:               str,            # output folder for <Taxon>.zip and manifest.json
-    ranks:              str | list,     # ranks to build a dataset for, top first (list or 'a,b')
-    resolution:         int,            # output side in pixels, a power of two
-    fmt:                str,            # 'auto', 'tree', 'bold' or 'ecotaxa'
-    rank_cols:          str | list | None,  # BOLD taxonomy columns, top first; None: DEFAULT_RANK_COLS
-    path_col:           str | None,     # image path/URL column; None: detect
-    id_col:             str | None,     # id column matched by --exclude; None: detect
-    tree_ranks:         str | list | None,  # ranks of folder/hierarchy levels; None: `ranks`
-    root:               str | None,     # taxon at tree_ranks[0]; None: top folder / shared EcoTaxa taxon
-    min_size:           int,            # pixels; both sides must be >= it; 0 keeps all
-    exclude:            str | None,     # file listing ids/paths/URLs to leave out; None: none
-    near_dup_threshold: int,            # max dHash Hamming distance of a near duplicate; -1: no check
-    max_per_taxon:      int | None,     # images kept per taxon at its deepest rank; None: all
-    square:             str,            # 'pad', 'crop' or 'stretch'
-    channels:           str,            # '1', '3' or 'auto'
-    workers:            int | None,     # processes; None: all cores
-    download_threads:   int,            # concurrent downloads
-    cache:              str | None,     # download cache folder; None: DEST/.download-cache
-    timeout:            float,          # seconds per HTTP connect/read
-    retries:            int,            # HTTP retries after the first try
-    compress_level:     int,            # PNG zlib level 0-9
-    dry_run:            bool,           # print the plan, touch nothing
-    log                 = print,        # where to print the summary
-) -> taxonomy.Manifest | None:
-    """Build DEST/<Taxon>.zip for every taxon at `ranks` and DEST/manifest.json; returns the manifest."""
-    source_path, dest_path = Path(source), Path(dest)
-    ranks = _parse_list(ranks)
-    if not ranks:
-        raise CollectionError('--ranks is empty: name the ranks to build datasets for, e.g. class,order')
-    rank_cols = _parse_list(rank_cols) or list(DEFAULT_RANK_COLS)
-    tree_ranks = _parse_list(tree_ranks) or list(ranks)
-    if resolution < 4 or resolution & (resolution - 1):
-        raise CollectionError(f'--resolution {resolution}: must be a power of two (4 or more)')
-    if square not in SQUARE_MODES:
-        raise CollectionError(f'--square {square}: must be one of {", ".join(SQUARE_MODES)}')
-    if str(channels) not in ('1', '3', 'auto'):
-        raise CollectionError(f'--channels {channels}: must be 1, 3 or auto')
-    workers = workers or default_workers()
-    cache_path = Path(cache) if cache else dest_path / '.download-cache'
-    config = dict(source=str(source), dest=str(dest), ranks=ranks, resolution=resolution, format=fmt,
-                  rank_cols=rank_cols, path_col=path_col, id_col=id_col, tree_ranks=tree_ranks, root=root,
-                  min_size=min_size, exclude=exclude, near_dup_threshold=near_dup_threshold,
-                  max_per_taxon=max_per_taxon, square=square, channels=str(channels), workers=workers,
-                  download_threads=download_threads, cache=str(cache_path), timeout=timeout, retries=retries,
-                  compress_level=compress_level)
-
-    # Records, in a fixed order: everything downstream (file names, which duplicate is kept) follows it.
-    records, available, fmt = read_source(source_path, fmt, rank_cols, path_col, id_col, tree_ranks, root,
-                                          skip=[dest_path, cache_path])
-    config['format'] = fmt
-    if fmt == 'ecotaxa' and root is None:
-        top = next((record.lineage[0] for record in records if record.lineage), None)
-        if top is not None:
-            log(f'EcoTaxa root: {top[1]} taken as the {top[0]} (the deepest taxon every annotated row shares); '
-                f'--root NAME to choose another')
-    if fmt != 'bold':
-        # Folder and hierarchy levels have no rank names of their own: catch typos against the standard ranks.
-        _check_ranks(tree_ranks, list(taxonomy.STANDARD_RANKS), source_path, '--tree-ranks', what='--tree-ranks')
-    _check_ranks(ranks, available, source_path, '--rank-cols' if fmt == 'bold' else '--tree-ranks')
-    if not records:
-        raise CollectionError(f'{source_path}: no images found')
-    records = [record for _key, record in sorted(((r.source, i), r) for i, r in enumerate(records))]
-    named = {rank for record in records for rank, _name in record.lineage}
-    missing = [rank for rank in ranks if rank not in named]
-    if missing:
-        # Deeper than the source goes (a tree two folders deep asked for family): no dataset could have that rank.
-        raise CollectionError(f'{source_path}: no image is identified to rank {missing[0]!r} '
-                              f'(ranks with names here: {", ".join(r for r in available if r in named) or "none"})')
-    exclusions = read_exclusions(Path(exclude)) if exclude else []
-
-    dropped = []
-    candidates = []
-    excluded_keys = set(exclusions)
-    matched = set()
-    for record in records:
-        lineage = dict(record.lineage)
-        path = []
-        for rank in ranks:
-            if rank not in lineage:
-                break
-            path.append(lineage[rank])
-        record.path = tuple(path)
-        hits = _exclusion_keys(record) & excluded_keys
-        if hits:
-            matched |= hits
-            _drop(dropped, record, 'excluded', f'listed in {exclude}')
-        elif record.problem or not record.path:
-            _drop(dropped, record, 'no_taxon', record.problem or f'not identified to {ranks[0]}')
-        else:
-            candidates.append(record)
-    unmatched = [entry for entry in exclusions if entry not in matched]
-    if unmatched:
-        log(f'warning: {len(unmatched)} of {len(exclusions)} exclusion entries match no image: {_preview(unmatched, 5)}')
-    try:
-        taxonomy.build_tree([(r.path, r.source) for r in candidates], ranks)    # fail early on homonyms
-    except ValueError as e:
-        raise CollectionError(f'{source_path}: {e}') from None
-
-    if dry_run:
-        return _print_plan(candidates, dropped, ranks, source_path, dest_path, fmt, len(records), log)
-    _check_dest(dest_path)
-
-    # Downloads.
-    urls = sorted({r.location for r in candidates if _is_url(r.location)})
-    fetched = download_all(urls, cache_path, timeout, retries, download_threads) if urls else {}
-    readable = []
-    for record in candidates:
-        if _is_url(record.location):
-            local, why = fetched[record.location]
-            if local is None:
-                _drop(dropped, record, 'download_failed', why)
-                continue
-            record.local = local
-        else:
-            record.local = record.location
-        readable.append(record)
-
-    stage_dir = Path(tempfile.mkdtemp(dir=dest_path, prefix='.build-'))
-    tmp_zips = []
-    try:
-        tasks = [dict(index=i, local=r.local, min_size=min_size, resolution=resolution, square=square,
-                      compress_level=compress_level, stage=str(stage_dir / f'{i:08d}.png'))
-                 for i, r in enumerate(readable)]
-        results = _parallel_map(process_image, tasks, workers, 'images')
-
-        # Duplicates: the first image in source order is kept, later copies are dropped.
-        kept = []
-        first_by_content = {}
-        kept_hashes = np.zeros(len(results), dtype=np.uint64)
-        kept_sources = []
-        for record, result in zip(readable, results):
-            if result['status'] != 'ok':
-                _drop(dropped, record, result['status'], result['detail'])
-                continue
-            original = first_by_content.get(result['content'])
-            if original is not None:
-                _drop(dropped, record, 'duplicate', f'same pixels as {original}')
-                continue
-            if near_dup_threshold >= 0 and kept_sources:
-                distances = popcount64(kept_hashes[:len(kept_sources)] ^ np.uint64(result['dhash']))
-                nearest = int(np.argmin(distances))
-                if distances[nearest] <= near_dup_threshold:
-                    _drop(dropped, record, 'near_duplicate',
-                          f'dHash distance {int(distances[nearest])} to {kept_sources[nearest]}')
-                    continue
-            first_by_content[result['content']] = record.source
-            kept_hashes[len(kept_sources)] = result['dhash']
-            kept_sources.append(record.source)
-            kept.append((record, result))
-
-        # --max-per-taxon: keep the images with the smallest content hashes, a fixed pseudo-random choice
-        # that does not favour any file names.
-        if max_per_taxon is not None:
-            groups = {}
-            for item in kept:
-                groups.setdefault(item[0].path[-1], []).append(item)
-            over = set()
-            for taxon, items in groups.items():
-                if len(items) > max_per_taxon:
-                    for record, result in sorted(items, key=lambda item: item[1]['content'])[max_per_taxon:]:
-                        over.add(id(record))
-                        _drop(dropped, record, 'max_per_taxon', f'{taxon} has {len(items)} images, {max_per_taxon} kept')
-            kept = [item for item in kept if id(item[0]) not in over]
-        dropped.sort(key=lambda item: item['source'])   # stable: same-source entries keep their stage order
-        if not kept:
-            reasons = format_dropped(_make_manifest({}, {}, config, 0, dropped, {})['dropped_counts']).split(': ', 1)[-1]
-            raise CollectionError(f'{source_path}: all {len(records)} images were dropped ({reasons}); nothing to build')
-
-        # Channels, then the final file names in source order.
-        out_channels = int(channels) if channels != 'auto' else (1 if all(r['gray'] for _rec, r in kept) else 3)
-        convert = [dict(stage=tasks[r['index']]['stage'], channels=out_channels, compress_level=compress_level)
-                   for _rec, r in kept if r['gray'] != (out_channels == 1)]
-        if convert:
-            _parallel_map(convert_staged, convert, workers, 'channels')
-        files = [(f'img{k:08d}.png', record, tasks[result['index']]['stage'], result)
-                 for k, (record, result) in enumerate(kept)]
-
-        # One zip per taxon, all written under temporary names before any is renamed.
-        taxa = _taxa_entries(taxonomy.build_tree([(record.path, record.source) for _f, record, _s, _r in files], ranks))
-        hashes = _write_zips(dest_path, taxa, [(file, record.path, staged) for file, record, staged, _r in files],
-                             ranks, tmp_zips)
-        images = [dict(file=file, source=record.source, taxon=record.path[-1], sha256=result['content'])
-                  for file, record, _staged, result in files]
-        data = _make_manifest(taxa, hashes, config, out_channels, dropped, dict(images=images))
-        taxonomy.write_json_atomic(dest_path / taxonomy.MANIFEST_NAME, data)
-    finally:
-        for tmp in tmp_zips:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        shutil.rmtree(stage_dir, ignore_errors=True)
-
-    manifest = taxonomy.manifest_from_dict(data, dest_path)
-    log(manifest.format_tree())
-    log(format_dropped(manifest.dropped_counts))
-    log(f'wrote {len(taxa)} datasets ({resolution}x{resolution}, {out_channels} channel{"s" if out_channels > 1 else ""}) '
-        f'and {taxonomy.MANIFEST_NAME} to {dest_path}')
-    return manifest
-
-def _print_plan(candidates, dropped, ranks, source_path, dest_path, fmt, num_records, log) -> None:
-    taxa = _taxa_entries(taxonomy.build_tree([(r.path, r.source) for r in candidates], ranks))
-    plan = taxonomy.manifest_from_dict(_make_manifest(taxa, {}, dict(ranks=ranks, resolution=0), 0,
-                                                      dropped, {}), dest_path)
-    log(f'dry run: {num_records} images listed in {source_path} ({fmt}); {len(candidates)} candidates '
-        f'(counts before the image checks: size, readability, duplicates, --max-per-taxon)')
-    if candidates:
-        log(plan.format_tree())
-    log(format_dropped(plan.dropped_counts))
-    log(f'would write to {dest_path}: ' + ', '.join([e['dataset'] for e in taxa.values()] + [taxonomy.MANIFEST_NAME]))
-    return None
 
 #----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ BCE(D(G(z)), 0) = softplus(D(G(z))). DCGAN_DEFAULTS holds the baseline's trainin
 import torch
 
 from stylegan2ada.pickles import register_module_class
+from stylegan2ada.util import UserError
 
 RESOLUTIONS = (32, 64, 128, 256)
 INIT_STD = 0.02                                                         # N(0, 0.02) weights, BN scale N(1, 0.02)
@@ -26,16 +27,22 @@ DCGAN_DEFAULTS = dict(
 )
 
 
+class DCGANConfigError(UserError, ValueError):
+    """A dataset or size the baseline does not support (labels, resolution, channels); one line."""
+    # Also a ValueError: load_network_pkl reports a pickle whose networks cannot be rebuilt (ValueError among others)
+    # as that pickle's error, naming the file.
+
+
 def _check_config(c_dim, img_resolution, img_channels, width, max_channels, width_name):
     """Clear errors for configurations the baseline does not support."""
     if c_dim:
-        raise ValueError(f'the DCGAN baseline is unconditional: c_dim must be 0, got {c_dim}')
+        raise DCGANConfigError(f'the DCGAN baseline is unconditional: c_dim must be 0, got {c_dim}')
     if img_resolution not in RESOLUTIONS:
-        raise ValueError(f'DCGAN supports resolutions {", ".join(map(str, RESOLUTIONS))} px, got {img_resolution}')
+        raise DCGANConfigError(f'DCGAN supports resolutions {", ".join(map(str, RESOLUTIONS))} px, got {img_resolution}')
     if img_channels not in (1, 3):
-        raise ValueError(f'DCGAN supports 1 or 3 image channels, got {img_channels}')
+        raise DCGANConfigError(f'DCGAN supports 1 or 3 image channels, got {img_channels}')
     if width < 1 or max_channels < 1:
-        raise ValueError(f'{width_name} and max_channels must be >= 1, got {width} and {max_channels}')
+        raise DCGANConfigError(f'{width_name} and max_channels must be >= 1, got {width} and {max_channels}')
 
 
 def channels_at(

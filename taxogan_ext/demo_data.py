@@ -32,6 +32,8 @@ import numpy as np
 import tqdm
 from PIL import Image, ImageDraw, ImageFilter
 
+from stylegan2ada.util import TEMP_PREFIX, atomic_write, write_json_atomic, write_text_atomic
+
 ORDERS          = ('Calanoida', 'Cyclopoida', 'Harpacticoida', 'Siphonostomatoida')
 PAPER_COUNTS    = (902, 766, 150, 151)     # images per order in the paper, aligned with ORDERS
 CLASS_NAME      = 'Copepoda'
@@ -557,20 +559,12 @@ def _encode_png(img: Image.Image) -> bytes:
     img.save(buf, format='PNG', compress_level=1)
     return buf.getvalue()
 
-def _write_atomic(path: Path, data: bytes):
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')   # no .png suffix: readers never see it
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
 def _job(args) -> str:
     out_dir, seed, tag, index, lo, hi = args
     rel = _rel_path(tag, index)
-    _write_atomic(Path(out_dir) / rel, _encode_png(_render(_image_rng(seed, tag, index), tag, lo, hi)))
+    # Under a hidden temporary name (no .png suffix) until complete: the dataset tool never reads half an image.
+    with atomic_write(Path(out_dir) / rel, 'wb') as f:
+        f.write(_encode_png(_render(_image_rng(seed, tag, index), tag, lo, hi)))
     return rel
 
 def _readme_text(options: dict, counts: dict) -> str:
@@ -607,8 +601,9 @@ def _is_complete(out_dir: Path, options: dict, jobs) -> bool:
 
 def _remove_stale(out_dir: Path, expected: set):
     """Delete our own files left by an earlier run with other options (only names this module writes)."""
-    ours = re.compile(r'^(%s)_\d{5,}\.png$' % '|'.join(name.lower() for name in ORDERS + (CLASS_NAME,)))
-    ours_tmp = re.compile(r'^\.(%s)_\d{5,}\.png\.\d+\.tmp$' % '|'.join(name.lower() for name in ORDERS + (CLASS_NAME,)))
+    names = '|'.join(name.lower() for name in ORDERS + (CLASS_NAME,))
+    ours = re.compile(r'^(%s)_\d{5,}\.png$' % names)
+    ours_tmp = re.compile(r'^%s(%s)_\d{5,}\.png\.' % (re.escape(TEMP_PREFIX), names))  # atomic_write's, of a killed run
     for folder in [out_dir / CLASS_NAME] + [out_dir / CLASS_NAME / order for order in ORDERS]:
         if not folder.is_dir():
             continue
@@ -668,9 +663,8 @@ def write_demo_collection(
                 for _ in pool.map(_job, jobs, chunksize=8):
                     bar.update(1)
 
-    _write_atomic(out_dir / 'README.txt', _readme_text(options, counts).encode('utf-8'))
-    record = dict(options=options, counts=counts, unplaced=unplaced, num_images=len(jobs))
-    _write_atomic(out_dir / MANIFEST_NAME, (json.dumps(record, indent=2) + '\n').encode('utf-8'))
+    write_text_atomic(out_dir / 'README.txt', _readme_text(options, counts))
+    write_json_atomic(out_dir / MANIFEST_NAME, dict(options=options, counts=counts, unplaced=unplaced, num_images=len(jobs)))
     return counts
 
 #----------------------------------------------------------------------------

@@ -9,12 +9,19 @@ Running a plan (`run_plan`) skips a stage whose final pickle and evaluation reco
 interrupted stage from its newest snapshot, and reruns a stage whose inputs changed (dataset hash,
 training options, starting pickle), moving the old folder to `OUTDIR/superseded/` instead of reusing it.
 Training itself is passed in as a function (train_hier.py passes train.py's), so this module needs no CLI.
+
+Building (`build_plan`): the arguments are checked, then each (method, target) adds its rows (`_lateral_rows`,
+`_descending_rows`, `_conditional_rows`) and the stages they need to a `_StageBook`, which keeps each stage once.
+Running (`run_plan`): for each stage in order, its current state (`inspect_stage`, from where it starts:
+`stage_start_pkl`, `stage_start_sha256`), then `_PlanRun.train` and `_PlanRun.evaluate` as the state asks.
 """
 
 import contextlib
+import copy
 import dataclasses
 import datetime
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -27,9 +34,13 @@ from pathlib import Path
 
 import tqdm
 
+from stylegan2ada.metrics import metric_main
 from stylegan2ada.metrics.detectors import DetectorError, resolve_detector
+from stylegan2ada.pickles import evaluation_network, load_network_pkl
 from stylegan2ada.training_loop import latest_snapshot
 from stylegan2ada.util import UserError, atomic_write, sha256_file, write_json_atomic
+# Plug-ins evaluate_pickle needs: the DCGAN baseline's classes (its pickles load), the taxon detector and acc metrics.
+from taxogan_ext import dcgan, taxon_metrics  # noqa: F401
 
 METHODS         = ('direct', 'lateral', 'descending', 'conditional')
 STAGE_FILE      = 'stage.json'
@@ -179,6 +190,153 @@ def descending_chain(
             raise PlanError(f'--depth {levels}: {target} has only {len(ancestors)} ancestor(s) in the manifest')
     return list(reversed(ancestors[:levels])) + [target]
 
+def _parse_methods(methods) -> list[str]:
+    """Methods of a comma list (or 'all') in METHODS' order, direct stages first; PlanError for an unknown one."""
+    methods = list(METHODS) if methods in ('all', ['all'], ('all',)) else parse_list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise PlanError(f'unknown method(s) {", ".join(unknown) or "(none)"}; choose from {", ".join(METHODS)} or all')
+    return [m for m in METHODS if m in methods]
+
+def _plan_targets(
+    manifest,                   # taxonomy.Manifest
+    targets,                    # comma list or list of taxa; None = the children of `parent` (or of the single root)
+    parent:     str | None,     # top of the descending chains
+) -> list[str]:
+    """The taxa a plan produces, checked against the manifest."""
+    targets = parse_list(targets)
+    if not targets:
+        top = parent
+        if top is None:
+            roots = manifest.roots()
+            if len(roots) != 1:
+                raise PlanError(f'the manifest has {len(roots)} roots ({", ".join(roots)}); name --parent or --targets')
+            top = roots[0]
+        targets = manifest.children(top)
+        if not targets:
+            raise PlanError(f'{top} has no child taxa in the manifest; name --targets')
+    for target in targets:
+        manifest.taxon(target)                                # ManifestError for an unknown name
+    if len(set(targets)) != len(targets):
+        raise PlanError(f'--targets names a taxon twice: {", ".join(targets)}')
+    return targets
+
+class _StageBook:
+    """The stages of a plan being built, in run order; a stage several rows need is added once."""
+
+    def __init__(self,
+        manifest,                       # taxonomy.Manifest
+        outdir,                         # experiment folder (derived zips go below it)
+        resume_pkl,                     # pickle at the start of every chain; None = scratch
+        kimg_parent,                    # kimg of a stage trained from scratch
+        kimg_child,                     # kimg of a stage that starts from a network
+        train_options,                  # train.py options of every stage; None = none
+        overrides,                      # engine config values of every stage; None = none
+    ):
+        self.manifest = manifest
+        self.derived_dir = os.path.join(str(outdir), DERIVED_DIR)
+        self.resume_pkl = resume_pkl
+        self.origin = os.path.basename(resume_pkl) if resume_pkl is not None else None
+        self.kimg_parent = kimg_parent
+        self.kimg_child = kimg_child
+        self.options = dict(train_options or {})
+        self.overrides = dict(overrides or {})
+        self.fields = {}                # key -> dict of Stage fields (evaluations still a list), in run order
+
+    def stages(self) -> list[Stage]:
+        """The stages, frozen."""
+        return [Stage(**dict(fields, evaluations=tuple(fields['evaluations']))) for fields in self.fields.values()]
+
+    def _stage_options(self, start_kind: str) -> dict:
+        # Fine-tuning options are left out of a stage that starts from random weights.
+        return {k: v for k, v in self.options.items() if not (start_kind == 'scratch' and k in FINETUNE_ONLY_OPTIONS)}
+
+    def _evaluation(self, taxon: str) -> Evaluation:
+        return Evaluation(taxon=taxon, data=str(self.manifest.dataset_path(taxon)),
+                          num_images=self.manifest.num_images(taxon), derived=None)
+
+    def _add(self, key: str, **fields) -> str:
+        if key not in self.fields:
+            self.fields[key] = dict(key=key, **fields)
+        return key
+
+    def root_stage(self, taxon: str, cond: bool = False) -> str:
+        """The stage that starts a chain on `taxon`: from scratch, or from --resume."""
+        m, resume_pkl = self.manifest, self.resume_pkl
+        name = _safe(taxon + ('-cond' if cond else ''))
+        start_kind = 'scratch' if resume_pkl is None else 'pickle'
+        key = name if resume_pkl is None else f'from-{_safe(Path(resume_pkl).stem)}__{name}'
+        method = 'conditional' if cond else ('direct' if resume_pkl is None else 'finetune')
+        return self._add(key, taxon=taxon, method=method, source=(taxon if cond else None), origin=self.origin,
+                         chain=(taxon,), data=str(m.dataset_path(taxon)), data_sha256=m.sha256(taxon),
+                         num_images=m.num_images(taxon), cond=cond, start_kind=start_kind, start=resume_pkl,
+                         kimg=float(self.kimg_parent if resume_pkl is None else self.kimg_child),
+                         train_options=self._stage_options(start_kind), overrides=self.overrides,
+                         evaluations=[] if cond else [self._evaluation(taxon)], derived=None)
+
+    def child_stage(self, start_key: str, taxon: str, method: str, source: str) -> str:
+        """The stage that trains `taxon` from the final network of stage `start_key`."""
+        m = self.manifest
+        return self._add(f'{start_key}__{_safe(taxon)}', taxon=taxon, method=method, source=source, origin=self.origin,
+                         chain=self.fields[start_key]['chain'] + (taxon,), data=str(m.dataset_path(taxon)),
+                         data_sha256=m.sha256(taxon), num_images=m.num_images(taxon), cond=False, start_kind='stage',
+                         start=start_key, kimg=float(self.kimg_child), train_options=self._stage_options('stage'),
+                         overrides=self.overrides, evaluations=[self._evaluation(taxon)], derived=None)
+
+    def child_as_class(self, cond_key: str, target: str, up: str, labels: list[str]) -> Evaluation:
+        """The evaluation of conditional stage `cond_key` on `target`, one class of its parent `up` (added once)."""
+        derived = DerivedData(path=os.path.join(self.derived_dir, f'{_safe(target)}-as-{_safe(up)}-class.zip'),
+                              source=str(self.manifest.dataset_path(target)), source_sha256=self.manifest.sha256(target),
+                              label_names=tuple(labels), label=labels.index(target))
+        ev = Evaluation(taxon=target, data=derived.path, num_images=self.manifest.num_images(target), derived=derived)
+        if ev not in self.fields[cond_key]['evaluations']:
+            self.fields[cond_key]['evaluations'].append(ev)
+        return ev
+
+    def conditional_finetune_stage(self, cond_key: str, ev: Evaluation, up: str) -> str:
+        """The stage that fine-tunes conditional stage `cond_key` on the child of evaluation `ev` (labelled as its class)."""
+        target, derived = ev.taxon, ev.derived
+        return self._add(f'{cond_key}__{_safe(target)}', taxon=target, method='conditional-ft', source=up,
+                         origin=self.origin, chain=self.fields[cond_key]['chain'] + (target,), data=derived.path,
+                         data_sha256=derived.source_sha256, num_images=ev.num_images, cond=True, start_kind='stage',
+                         start=cond_key, kimg=float(self.kimg_child), train_options=self._stage_options('stage'),
+                         overrides=self.overrides, evaluations=[ev], derived=derived)
+
+def _lateral_rows(book: _StageBook, target: str, donor: str | None) -> list[Row]:
+    """Lateral: `target` fine-tuned from its donor sibling (the sibling with the most images unless named)."""
+    chosen = donor if donor is not None else default_donor(book.manifest, target)
+    siblings = book.manifest.siblings(target)
+    if chosen == target:
+        return [Row('lateral', target, None, 'is the donor')]
+    if chosen is None or chosen not in siblings:
+        raise PlanError(f'lateral: the donor {chosen} is not a sibling of {target} '
+                        f'(siblings: {", ".join(siblings) or "none"})')
+    return [Row('lateral', target, book.child_stage(book.root_stage(chosen), target, 'lateral', chosen))]
+
+def _descending_rows(book: _StageBook, target: str, parent: str | None, depth: int | None) -> list[Row]:
+    """Descending: a chain of stages from an ancestor down to `target`, each starting from the one above."""
+    chain = descending_chain(book.manifest, target, parent, depth)
+    key = book.root_stage(chain[0])
+    for taxon in chain[1:]:
+        key = book.child_stage(key, taxon, 'descending', chain[0])
+    return [Row('descending', target, key)]
+
+def _conditional_rows(book: _StageBook, target: str, cond_finetune: bool) -> list[Row]:
+    """Conditional: the parent's network conditioned on its children, evaluated on `target`'s class (and fine-tuned)."""
+    up = book.manifest.parent(target)
+    if up is None:
+        raise PlanError(f'conditional: {target} has no parent taxon whose dataset could hold it as a class')
+    labels = book.manifest.labels(up)
+    if not labels or target not in labels:
+        raise PlanError(f'conditional: the {up} dataset has no class {target} '
+                        f'(its labels: {", ".join(labels or []) or "none"}); rebuild the datasets with both ranks')
+    cond_key = book.root_stage(up, cond=True)
+    ev = book.child_as_class(cond_key, target, up, labels)
+    rows = [Row('conditional', target, cond_key)]
+    if cond_finetune:
+        rows.append(Row('conditional-ft', target, book.conditional_finetune_stage(cond_key, ev, up)))
+    return rows
+
 def build_plan(
     manifest,                           # taxonomy.Manifest of the datasets folder
     outdir,                             # experiment folder (the conditional method writes derived zips under it)
@@ -195,125 +353,33 @@ def build_plan(
     cond_finetune   = False,            # conditional: also fine-tune the conditional network on each child
 ) -> Plan:
     """Stages and rows of an experiment; raises PlanError (or taxonomy.ManifestError) on bad input."""
-    methods = list(METHODS) if methods in ('all', ['all'], ('all',)) else parse_list(methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise PlanError(f'unknown method(s) {", ".join(unknown) or "(none)"}; choose from {", ".join(METHODS)} or all')
-    methods = [m for m in METHODS if m in methods]            # canonical order: direct stages first
+    methods = _parse_methods(methods)
     if not (kimg_parent > 0 and kimg_child > 0):
         raise PlanError(f'--kimg-parent and --kimg-child must be > 0 (got {kimg_parent}, {kimg_child})')
     if depth is not None and depth < 1:
         raise PlanError(f'--depth must be >= 1, got {depth}')
     if parent is not None:
         manifest.taxon(parent)                                # ManifestError for an unknown name
-    targets = parse_list(targets)
-    if not targets:
-        top = parent
-        if top is None:
-            roots = manifest.roots()
-            if len(roots) != 1:
-                raise PlanError(f'the manifest has {len(roots)} roots ({", ".join(roots)}); name --parent or --targets')
-            top = roots[0]
-        targets = manifest.children(top)
-        if not targets:
-            raise PlanError(f'{top} has no child taxa in the manifest; name --targets')
-    for target in targets:
-        manifest.taxon(target)
-    if len(set(targets)) != len(targets):
-        raise PlanError(f'--targets names a taxon twice: {", ".join(targets)}')
+    targets = _plan_targets(manifest, targets, parent)
     if donor is not None:
         manifest.taxon(donor)
     if resume_pkl is not None and not os.path.isfile(resume_pkl):
         raise PlanError(f'--resume {resume_pkl}: no such file')
-    options = dict(train_options or {})
-    overrides = dict(overrides or {})
-    origin = os.path.basename(resume_pkl) if resume_pkl is not None else None
-    derived_dir = os.path.join(str(outdir), DERIVED_DIR)
 
-    stages = {}     # key -> dict of Stage fields (evaluations still a list), in insertion order = run order
+    book = _StageBook(manifest, outdir, resume_pkl, kimg_parent, kimg_child, train_options, overrides)
     rows = []
-
-    def stage_options(start_kind):
-        return {k: v for k, v in options.items() if not (start_kind == 'scratch' and k in FINETUNE_ONLY_OPTIONS)}
-
-    def evaluation(taxon):
-        return Evaluation(taxon=taxon, data=str(manifest.dataset_path(taxon)), num_images=manifest.num_images(taxon), derived=None)
-
-    def add(key, **fields):
-        if key not in stages:
-            stages[key] = dict(key=key, **fields)
-        return key
-
-    def root_stage(taxon, cond=False):
-        """The stage that starts a chain on `taxon`: from scratch, or from --resume."""
-        name = _safe(taxon + ('-cond' if cond else ''))
-        start_kind = 'scratch' if resume_pkl is None else 'pickle'
-        key = name if resume_pkl is None else f'from-{_safe(Path(resume_pkl).stem)}__{name}'
-        method = 'conditional' if cond else ('direct' if resume_pkl is None else 'finetune')
-        return add(key, taxon=taxon, method=method, source=(taxon if cond else None), origin=origin, chain=(taxon,),
-                   data=str(manifest.dataset_path(taxon)), data_sha256=manifest.sha256(taxon),
-                   num_images=manifest.num_images(taxon), cond=cond, start_kind=start_kind, start=resume_pkl,
-                   kimg=float(kimg_parent if resume_pkl is None else kimg_child), train_options=stage_options(start_kind),
-                   overrides=overrides, evaluations=[] if cond else [evaluation(taxon)], derived=None)
-
-    def child_stage(start_key, taxon, method, source):
-        start = stages[start_key]
-        key = f'{start_key}__{_safe(taxon)}'
-        return add(key, taxon=taxon, method=method, source=source, origin=origin, chain=start['chain'] + (taxon,),
-                   data=str(manifest.dataset_path(taxon)), data_sha256=manifest.sha256(taxon),
-                   num_images=manifest.num_images(taxon), cond=False, start_kind='stage', start=start_key,
-                   kimg=float(kimg_child), train_options=stage_options('stage'), overrides=overrides,
-                   evaluations=[evaluation(taxon)], derived=None)
-
     for method in methods:
         for target in targets:
             if method == 'direct':
-                rows.append(Row('direct', target, root_stage(target)))
-
+                rows.append(Row('direct', target, book.root_stage(target)))
             elif method == 'lateral':
-                chosen = donor if donor is not None else default_donor(manifest, target)
-                siblings = manifest.siblings(target)
-                if chosen == target:
-                    rows.append(Row('lateral', target, None, 'is the donor'))
-                    continue
-                if chosen is None or chosen not in siblings:
-                    raise PlanError(f'lateral: the donor {chosen} is not a sibling of {target} '
-                                    f'(siblings: {", ".join(siblings) or "none"})')
-                rows.append(Row('lateral', target, child_stage(root_stage(chosen), target, 'lateral', chosen)))
-
+                rows += _lateral_rows(book, target, donor)
             elif method == 'descending':
-                chain = descending_chain(manifest, target, parent, depth)
-                key = root_stage(chain[0])
-                for taxon in chain[1:]:
-                    key = child_stage(key, taxon, 'descending', chain[0])
-                rows.append(Row('descending', target, key))
-
+                rows += _descending_rows(book, target, parent, depth)
             elif method == 'conditional':
-                up = manifest.parent(target)
-                if up is None:
-                    raise PlanError(f'conditional: {target} has no parent taxon whose dataset could hold it as a class')
-                labels = manifest.labels(up)
-                if not labels or target not in labels:
-                    raise PlanError(f'conditional: the {up} dataset has no class {target} '
-                                    f'(its labels: {", ".join(labels or []) or "none"}); rebuild the datasets with both ranks')
-                cond_key = root_stage(up, cond=True)
-                derived = DerivedData(path=os.path.join(derived_dir, f'{_safe(target)}-as-{_safe(up)}-class.zip'),
-                                      source=str(manifest.dataset_path(target)), source_sha256=manifest.sha256(target),
-                                      label_names=tuple(labels), label=labels.index(target))
-                ev = Evaluation(taxon=target, data=derived.path, num_images=manifest.num_images(target), derived=derived)
-                if ev not in stages[cond_key]['evaluations']:
-                    stages[cond_key]['evaluations'].append(ev)
-                rows.append(Row('conditional', target, cond_key))
-                if cond_finetune:
-                    start = stages[cond_key]
-                    ft_key = add(f'{cond_key}__{_safe(target)}', taxon=target, method='conditional-ft', source=up, origin=origin,
-                                 chain=start['chain'] + (target,), data=derived.path, data_sha256=derived.source_sha256,
-                                 num_images=ev.num_images, cond=True, start_kind='stage', start=cond_key, kimg=float(kimg_child),
-                                 train_options=stage_options('stage'), overrides=overrides, evaluations=[ev], derived=derived)
-                    rows.append(Row('conditional-ft', target, ft_key))
-
-    frozen = [Stage(**dict(fields, evaluations=tuple(fields['evaluations']))) for fields in stages.values()]
-    return Plan(stages=frozen, rows=rows, methods=methods, targets=targets, datasets=str(manifest.root), outdir=str(outdir))
+                rows += _conditional_rows(book, target, cond_finetune)
+    return Plan(stages=book.stages(), rows=rows, methods=methods, targets=targets, datasets=str(manifest.root),
+                outdir=str(outdir))
 
 #----------------------------------------------------------------------------
 # Fingerprints and the state of a stage folder.
@@ -393,7 +459,6 @@ def append_record(path, record: dict) -> None:
 
 def snapshot_nimg(pkl) -> int:
     """Training progress (images) stored in one of our snapshots; 0 for a pickle without progress."""
-    from stylegan2ada.pickles import load_network_pkl
     progress = load_network_pkl(pkl).get('progress')
     return int(progress['cur_nimg']) if progress else 0
 
@@ -486,18 +551,37 @@ def final_sha256(outdir, stage_key: str) -> str | None:
         return record['final_sha256']
     return sha256_file(path)
 
+def stage_start_pkl(
+    stage:      Stage,
+    outdir,                         # experiment folder
+    final       = True,             # a start stage's final pickle (read from its stage.json; it must be trained);
+                                    # False = its folder, where that pickle will be (to check options before training)
+) -> str | None:
+    """Where a stage starts from: None (scratch), the --resume pickle, or its start stage's final pickle."""
+    if stage.start_kind == 'scratch':
+        return None
+    if stage.start_kind == 'pickle':
+        return stage.start
+    folder = Path(outdir) / stage.start
+    if not final:
+        return str(folder)
+    return str(folder / read_json(folder / STAGE_FILE)['final_pkl'])
+
+def stage_start_sha256(stage: Stage, outdir) -> str | None:
+    """Hash of the pickle a stage starts from; None for scratch, or while its start stage has no final pickle."""
+    if stage.start_kind == 'scratch':
+        return None
+    if stage.start_kind == 'pickle':
+        return sha256_file(stage.start)
+    return final_sha256(outdir, stage.start)
+
 def plan_states(plan: Plan, records, metrics, detector, read_progress=True, detector_id=None) -> dict[str, StageState]:
     """StageState of every stage, in plan order, as the dry run shows them (detector_id: detector_identity's, if known)."""
     states = {}
     detector_id = detector_id or (detector_identity(detector) if metrics else None)
     for stage in plan.stages:
-        if stage.start_kind == 'scratch':
-            ready, sha = True, None
-        elif stage.start_kind == 'pickle':
-            ready, sha = True, sha256_file(stage.start)
-        else:
-            ready = states[stage.start].status in ('done', 'evaluate')
-            sha = final_sha256(plan.outdir, stage.start) if ready else None
+        ready = stage.start_kind != 'stage' or states[stage.start].status in ('done', 'evaluate')
+        sha = stage_start_sha256(stage, plan.outdir) if ready else None
         states[stage.key] = inspect_stage(stage, plan.outdir, sha, ready, records, metrics, detector, read_progress, detector_id)
     return states
 
@@ -614,14 +698,7 @@ def evaluate_pickle(
     progress        = True,         # progress bars
 ) -> dict:
     """Compute the metrics of a pickle against the evaluation's images: dict(metrics, detector_id, num_real, num_gen)."""
-    import copy
-
-    from stylegan2ada.metrics import metric_main
-    from stylegan2ada.pickles import load_network_pkl
-    from taxogan_ext import dcgan  # noqa: F401  (registers the DCGAN baseline's classes for its pickles)
-    data = load_network_pkl(pkl)
-    G = data['G_ema'] if data.get('G_ema') is not None else data['G']
-    G = copy.deepcopy(G).eval().requires_grad_(False)
+    G = copy.deepcopy(evaluation_network(load_network_pkl(pkl))).eval().requires_grad_(False)
     if device is not None:
         G = G.to(device)
     kwargs = dict(path=evaluation.data, use_labels=G.c_dim > 0, max_size=None, xflip=False, random_seed=0,
@@ -646,6 +723,138 @@ def evaluate_pickle(
             out['extra'][result['metric'] + '_per_taxon'] = result['per_taxon']
     return out
 
+class _PlanProgress:
+    """The overall progress bar of a run: kimg of the whole plan, with its ETA."""
+
+    def __init__(self,
+        total_kimg:     float,          # kimg left to train in the plan
+        enabled:        bool,           # False: no bar
+    ):
+        self.total_kimg = total_kimg
+        self.trained_kimg = 0.0         # kimg of the stages trained so far in this run
+        self.bar = tqdm.tqdm(total=round(total_kimg, 3), unit='kimg', disable=not enabled or total_kimg == 0,
+                             dynamic_ncols=True,
+                             bar_format='{desc} {percentage:3.0f}%|{bar}| {n:.3f}/{total:.3f} kimg [{elapsed}<{remaining}]')
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.bar.close()
+
+    def stage_callback(self, header: str, stage: Stage, done_kimg: float):
+        """The progress_callback(cur_nimg, total_nimg) of a stage that starts at `done_kimg`."""
+        self.bar.set_description_str(f'{header} ({stage.kimg:g} kimg)')
+        return functools.partial(self._show, self.trained_kimg, done_kimg, stage.kimg)
+
+    def _show(self, base_kimg, done_kimg, stage_kimg, cur_nimg, total_nimg):
+        # The last batch may overshoot the stage's kimg; the bar counts the plan's kimg only.
+        self.bar.n = round(min(base_kimg + min(cur_nimg / 1000, stage_kimg) - done_kimg, self.total_kimg), 3)
+        self.bar.set_postfix_str(f'stage kimg {cur_nimg / 1000:.3f}/{total_nimg / 1000:g}')
+        self.bar.refresh()
+
+    def stage_trained(self, stage: Stage, done_kimg: float):
+        """Count a stage that started at `done_kimg` as trained."""
+        self.trained_kimg += max(stage.kimg - done_kimg, 0)
+        self.bar.n = round(min(self.trained_kimg, self.total_kimg), 3)
+        self.bar.refresh()
+
+@dataclasses.dataclass
+class _PlanRun:
+    """What the steps of running a plan share."""
+    plan:           Plan
+    manifest:       object              # taxonomy.Manifest the plan was built from
+    outdir:         Path
+    metrics:        list
+    detector:       str
+    detector_id:    str | None          # detector_identity(detector) when metrics are asked for
+    records:        list                # results.jsonl records, those of this run appended
+    experiment:     str                 # name stored in the records
+    log:            object              # where status lines go
+
+    def current_state(self, stage: Stage) -> StageState:
+        """The stage's state now (its start stage may have been trained since the plan was printed)."""
+        start_sha = stage_start_sha256(stage, self.outdir)
+        if stage.start_kind == 'stage' and start_sha is None:
+            raise PlanError(f'stage {stage.key}: its start stage {stage.start} has no final pickle')
+        return inspect_stage(stage, self.outdir, start_sha, True, self.records, self.metrics, self.detector,
+                             detector_id=self.detector_id)
+
+    def train(self, stage: Stage, state: StageState, header: str, train_fn, progress: _PlanProgress) -> str:
+        """Train a stage (afresh, again in a new folder, or resumed), recording it in its stage.json; the final pickle."""
+        folder = self.outdir / stage.key
+        if state.status == 'rerun':
+            moved = _supersede(self.outdir, stage.key)
+            self.log(f'{header}: {state.detail}; old folder moved to {moved}')
+        elif state.status == 'todo' and folder.exists():
+            shutil.rmtree(folder)       # only files of a run that never wrote a snapshot
+        _check_dataset(self.manifest, stage)
+        stage_record = dict(format=STAGE_FORMAT, key=stage.key, state='training', fingerprint=state.fingerprint,
+                            inputs=state.inputs, start_pkl=stage_start_pkl(stage, self.outdir), started=time.time())
+        if state.status == 'resume':
+            old = read_json(folder / STAGE_FILE) or {}
+            stage_record['started'] = old.get('started', stage_record['started'])
+        write_json_atomic(folder / STAGE_FILE, stage_record)
+
+        callback = progress.stage_callback(header, stage, state.done_kimg)
+        self.log(f'{header}: {"resuming from " + os.path.basename(state.snapshot) if state.snapshot else "training"} '
+                 f'on {stage.num_images} images, {stage.kimg:g} kimg')
+        t0 = time.time()
+        final = train_fn(stage, str(folder), state.snapshot, stage_record['start_pkl'], callback)
+        progress.stage_trained(stage, state.done_kimg)
+        if final is None or not os.path.isfile(final):
+            raise PlanError(f'stage {stage.key}: training returned no final snapshot')
+        stat = os.stat(final)
+        stage_record.update(state='trained', final_pkl=os.path.basename(final), final_sha256=sha256_file(final),
+                            final_size=stat.st_size, final_mtime_ns=stat.st_mtime_ns, train_seconds=time.time() - t0,
+                            resumed=state.status == 'resume', finished=time.time())
+        write_json_atomic(folder / STAGE_FILE, stage_record)
+        return final
+
+    def evaluate(self, stage: Stage, state: StageState, header: str, evaluate_fn) -> list[dict]:
+        """Evaluate a trained stage on each of its taxa not evaluated yet; the records appended to results.jsonl."""
+        folder = self.outdir / stage.key
+        train_seconds = read_json(folder / STAGE_FILE).get('train_seconds')
+        evaluated = _evaluated_taxa(self.records, stage.key, state.fingerprint, self.metrics, self.detector,
+                                    self.detector_id)
+        appended = []
+        for ev in stage.evaluations:
+            if ev.taxon in evaluated:
+                continue        # evaluated already (a conditional stage evaluates several taxa)
+            t0 = time.time()
+            if not self.metrics:
+                # --metrics none: a record without figures, so that the report lists the stage and its network.
+                self.log(f'{header}: {ev.taxon}: not evaluated (no metrics asked for)')
+                out = dict(metrics={}, detector_id=None, num_real=None, num_gen=None, extra={})
+            else:
+                if ev.derived is not None:
+                    write_derived_zip(ev.derived)
+                self.log(f'{header}: evaluating {", ".join(self.metrics)} on {ev.taxon} ({ev.num_images} real images)')
+                out = evaluate_fn(state.final_pkl, ev, self.metrics, self.detector, run_dir=str(folder))
+            record = self.result_record(stage, state, ev, out, train_seconds, time.time() - t0)
+            append_record(self.outdir / RESULTS_FILE, record)
+            self.records.append(record)
+            appended.append(record)
+            evaluated.add(ev.taxon)
+            if self.metrics:
+                self.log(f'{header}: {ev.taxon}: ' + ', '.join(f'{k} {v:.4g}' for k, v in out['metrics'].items()))
+        return appended
+
+    def result_record(self, stage, state, ev, out, train_seconds, eval_seconds) -> dict:
+        """The results.jsonl record of one evaluation (format RESULTS_FORMAT)."""
+        return dict(
+            format=RESULTS_FORMAT, experiment=self.experiment, stage=stage.key, taxon=ev.taxon, method=stage.method,
+            source=stage.source, origin=stage.origin, chain=list(stage.chain), trained_on=stage.taxon,
+            num_images=ev.num_images, train_images=stage.num_images, kimg=stage.kimg, cond=stage.cond,
+            fingerprint=state.fingerprint, pkl=os.path.relpath(state.final_pkl, self.outdir), data=ev.data,
+            datasets=self.plan.datasets, requested_metrics=self.metrics, detector=self.detector if self.metrics else None,
+            detector_id=self.detector_id or out.get('detector_id'),
+            metrics=out['metrics'], num_real=out.get('num_real'), num_gen=out.get('num_gen'), extra=out.get('extra', {}),
+            train_options=stage.train_options, overrides=stage.overrides, train_seconds=train_seconds,
+            eval_seconds=eval_seconds, timestamp=time.time(),
+            date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'), host=platform.node(),
+        )
+
 def run_plan(
     plan:           Plan,
     manifest,                       # taxonomy.Manifest the plan was built from
@@ -660,117 +869,26 @@ def run_plan(
     """Train and evaluate every stage that is not done; returns the records appended to results.jsonl."""
     outdir = Path(plan.outdir)
     metrics = list(metrics)
-    experiment = experiment or outdir.resolve().name
-    results_path = outdir / RESULTS_FILE
     appended = []
     with experiment_lock(outdir):
         write_json_atomic(outdir / PLAN_FILE, plan.to_dict())
-        records = read_results(results_path)
+        records = read_results(outdir / RESULTS_FILE)
         detector_id = detector_identity(detector) if metrics else None
         states = plan_states(plan, records, metrics, detector, detector_id=detector_id)
         todo = [s for s in plan.stages if states[s.key].status in ('todo', 'rerun', 'resume', 'waiting')]
-        total_kimg = sum(max(s.kimg - states[s.key].done_kimg, 0) for s in todo)
         log(format_plan(plan, states))
-        bar = tqdm.tqdm(total=round(total_kimg, 3), unit='kimg', disable=not progress or total_kimg == 0, dynamic_ncols=True,
-                        bar_format='{desc} {percentage:3.0f}%|{bar}| {n:.3f}/{total:.3f} kimg [{elapsed}<{remaining}]')
-        with bar:
-            trained_kimg = 0.0
+        run = _PlanRun(plan, manifest, outdir, metrics, detector, detector_id, records,
+                       experiment or outdir.resolve().name, log)
+        with _PlanProgress(sum(max(s.kimg - states[s.key].done_kimg, 0) for s in todo), progress) as bar:
             for index, stage in enumerate(plan.stages, 1):
-                # The state is recomputed now: a start stage may have been trained since the plan was printed.
-                if stage.start_kind == 'scratch':
-                    start_sha = None
-                elif stage.start_kind == 'pickle':
-                    start_sha = sha256_file(stage.start)
-                else:
-                    start_sha = final_sha256(outdir, stage.start)
-                    if start_sha is None:
-                        raise PlanError(f'stage {stage.key}: its start stage {stage.start} has no final pickle')
-                state = inspect_stage(stage, outdir, start_sha, True, records, metrics, detector, detector_id=detector_id)
-                folder = outdir / stage.key
+                state = run.current_state(stage)
                 header = f'[{index}/{len(plan.stages)}] {stage.label}'
                 if state.status == 'done':
                     log(f'{header}: done, skipped')
                     continue
-
                 if state.status != 'evaluate':
-                    if state.status == 'rerun':
-                        moved = _supersede(outdir, stage.key)
-                        log(f'{header}: {state.detail}; old folder moved to {moved}')
-                    elif state.status == 'todo' and folder.exists():
-                        shutil.rmtree(folder)       # only files of a run that never wrote a snapshot
-                    _check_dataset(manifest, stage)
-                    start_pkl = None
-                    if stage.start_kind == 'pickle':
-                        start_pkl = stage.start
-                    elif stage.start_kind == 'stage':
-                        start_pkl = str(outdir / stage.start / read_json(outdir / stage.start / STAGE_FILE)['final_pkl'])
-                    stage_record = dict(format=STAGE_FORMAT, key=stage.key, state='training', fingerprint=state.fingerprint,
-                                        inputs=state.inputs, start_pkl=start_pkl, started=time.time())
-                    if state.status == 'resume':
-                        old = read_json(folder / STAGE_FILE) or {}
-                        stage_record['started'] = old.get('started', stage_record['started'])
-                    write_json_atomic(folder / STAGE_FILE, stage_record)
-
-                    base_kimg = state.done_kimg
-                    bar.set_description_str(f'{header} ({stage.kimg:g} kimg)')
-                    log(f'{header}: {"resuming from " + os.path.basename(state.snapshot) if state.snapshot else "training"} '
-                        f'on {stage.num_images} images, {stage.kimg:g} kimg')
-
-                    def callback(cur_nimg, total_nimg, base=trained_kimg, start=base_kimg, kimg=stage.kimg):
-                        # The last batch may overshoot the stage's kimg; the bar counts the plan's kimg only.
-                        bar.n = round(min(base + min(cur_nimg / 1000, kimg) - start, total_kimg), 3)
-                        bar.set_postfix_str(f'stage kimg {cur_nimg / 1000:.3f}/{total_nimg / 1000:g}')
-                        bar.refresh()
-
-                    t0 = time.time()
-                    final = train_fn(stage, str(folder), state.snapshot, start_pkl, callback)
-                    trained_kimg += max(stage.kimg - base_kimg, 0)
-                    bar.n = round(min(trained_kimg, total_kimg), 3)
-                    bar.refresh()
-                    if final is None or not os.path.isfile(final):
-                        raise PlanError(f'stage {stage.key}: training returned no final snapshot')
-                    stat = os.stat(final)
-                    stage_record.update(state='trained', final_pkl=os.path.basename(final), final_sha256=sha256_file(final),
-                                        final_size=stat.st_size, final_mtime_ns=stat.st_mtime_ns,
-                                        train_seconds=time.time() - t0, resumed=state.status == 'resume', finished=time.time())
-                    write_json_atomic(folder / STAGE_FILE, stage_record)
-                    state.final_pkl = final
-
-                # Evaluation: one record per evaluated taxon.
-                stage_record = read_json(folder / STAGE_FILE)
-                evaluated = _evaluated_taxa(records, stage.key, state.fingerprint, metrics, detector, detector_id)
-                for ev in stage.evaluations:
-                    if ev.taxon in evaluated:
-                        continue        # evaluated already (a conditional stage evaluates several taxa)
-                    t0 = time.time()
-                    if not metrics:
-                        # --metrics none: a record without figures, so that the report lists the stage and its network.
-                        log(f'{header}: {ev.taxon}: not evaluated (no metrics asked for)')
-                        out = dict(metrics={}, detector_id=None, num_real=None, num_gen=None, extra={})
-                    else:
-                        if ev.derived is not None:
-                            write_derived_zip(ev.derived)
-                        log(f'{header}: evaluating {", ".join(metrics)} on {ev.taxon} ({ev.num_images} real images)')
-                        out = evaluate_fn(state.final_pkl, ev, metrics, detector, run_dir=str(folder))
-                    record = dict(
-                        format=RESULTS_FORMAT, experiment=experiment, stage=stage.key, taxon=ev.taxon, method=stage.method,
-                        source=stage.source, origin=stage.origin, chain=list(stage.chain), trained_on=stage.taxon,
-                        num_images=ev.num_images, train_images=stage.num_images, kimg=stage.kimg, cond=stage.cond,
-                        fingerprint=state.fingerprint, pkl=os.path.relpath(state.final_pkl, outdir), data=ev.data,
-                        datasets=plan.datasets, requested_metrics=metrics, detector=detector if metrics else None,
-                        detector_id=detector_id or out.get('detector_id'),
-                        metrics=out['metrics'], num_real=out.get('num_real'), num_gen=out.get('num_gen'),
-                        extra=out.get('extra', {}),
-                        train_options=stage.train_options, overrides=stage.overrides, train_seconds=stage_record.get('train_seconds'),
-                        eval_seconds=time.time() - t0, timestamp=time.time(),
-                        date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'), host=platform.node(),
-                    )
-                    append_record(results_path, record)
-                    records.append(record)
-                    appended.append(record)
-                    evaluated.add(ev.taxon)
-                    if metrics:
-                        log(f'{header}: {ev.taxon}: ' + ', '.join(f'{k} {v:.4g}' for k, v in out['metrics'].items()))
+                    state.final_pkl = run.train(stage, state, header, train_fn, bar)
+                appended += run.evaluate(stage, state, header, evaluate_fn)
     return appended
 
 #----------------------------------------------------------------------------

@@ -9,12 +9,18 @@ EMA update uses detached values): detaching them would make the term a constant 
 import torch
 import torch.nn.functional as F
 
+from stylegan2ada.util import UserError
+
 LECAM_HELP = (
     'Weights in the literature depend on the loss and on the logit scale: the LeCam-GAN paper uses 0.3 for '
     'BigGAN on CIFAR (hinge loss, spectrally normalised D: logits of order 1); its StyleGAN2-ADA scripts use 1e-6 on CIFAR-10 (32 px) '
     'and 3e-7 on FFHQ-1k (256 px), and follow-up StyleGAN2-ADA code uses 3e-7 up to 1e-2. StyleGAN2 logits are '
     'unbounded and grow with resolution, so try ~1e-4..1e-2 at low resolution down to ~1e-7 at 256 px and above.'
 )
+
+
+class LeCamSettingError(UserError):
+    """A LeCam weight, decay or start outside its range; one line naming the setting."""
 
 
 def lecam_penalty(
@@ -57,11 +63,11 @@ class LeCamRegularizer:
         start_kimg  = 0.0,  # apply the term from this many thousand images on; EMAs update before that too
     ):
         if not weight >= 0:
-            raise ValueError(f'LeCam weight must be >= 0, got {weight}')
+            raise LeCamSettingError(f'LeCam weight must be >= 0, got {weight}')
         if not 0 <= decay < 1:
-            raise ValueError(f'LeCam decay must be in [0, 1), got {decay}')
+            raise LeCamSettingError(f'LeCam decay must be in [0, 1), got {decay}')
         if not start_kimg >= 0:
-            raise ValueError(f'LeCam start_kimg must be >= 0, got {start_kimg}')
+            raise LeCamSettingError(f'LeCam start_kimg must be >= 0, got {start_kimg}')
         self.weight = float(weight)
         self.decay = float(decay)
         self.start_kimg = float(start_kimg)

@@ -23,10 +23,14 @@ import click
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from stylegan2ada.dataset import DatasetError
-from stylegan2ada.pickles import NetworkPickleError
+from stylegan2ada import cli
+from stylegan2ada.dataset import ImageFolderDataset
+from stylegan2ada.image_utils import generate_images, save_png_atomic
+from stylegan2ada.pickles import evaluation_network, load_network_pkl
 from stylegan2ada.util import UserError, write_text_atomic
+from taxogan_ext import dcgan  # noqa: F401  (registers the DCGAN baseline's classes for its pickles)
 from taxogan_ext import hierarchy
+from taxogan_ext.taxonomy import ManifestError, load_manifest
 
 #----------------------------------------------------------------------------
 # The paper's numbers (Martinel et al. 2024): FID50k and KID50k x 100 with Inception-v3, 256x256, BOLD images.
@@ -134,7 +138,6 @@ def _taxon_order(records) -> list[str]:
     datasets = next((r.get('datasets') for r in records if r.get('datasets')), None)
     if datasets:
         try:
-            from taxogan_ext.taxonomy import ManifestError, load_manifest
             order = list(load_manifest(datasets).taxa)
             return sorted(seen, key=lambda t: order.index(t) if t in order else len(order))
         except (ManifestError, OSError):
@@ -334,7 +337,6 @@ def _csv_text(fields, rows) -> str:
     return buf.getvalue()
 
 def _save_png(image: Image.Image, path) -> None:
-    from stylegan2ada.image_utils import save_png_atomic
     save_png_atomic(image, str(path))
 
 #----------------------------------------------------------------------------
@@ -359,7 +361,6 @@ def _to_rgb_image(array_chw, cell) -> Image.Image:
 
 def real_images(data, num, seed=0) -> np.ndarray:
     """`num` real images of a dataset (a fixed random choice; repeats when it has fewer), uint8 [N, C, H, W]."""
-    from stylegan2ada.dataset import ImageFolderDataset
     dataset = ImageFolderDataset(data, use_labels=False, cache=False)
     rnd = np.random.RandomState(seed)
     idx = rnd.permutation(len(dataset))[:num] if len(dataset) >= num else rnd.randint(len(dataset), size=num)
@@ -371,23 +372,13 @@ def generated_images(pkl, data, num, seed=0, device='cpu') -> np.ndarray:
     """`num` images of a pickle's G_ema (z from seeds seed..seed+num-1, psi 1, const noise), uint8 [N, C, H, W].
 
     A conditional generator draws the class of the dataset's first image (the derived per-child datasets hold one)."""
-    import torch
-
-    from stylegan2ada.dataset import ImageFolderDataset
-    from stylegan2ada.image_utils import to_uint8
-    from stylegan2ada.pickles import load_network_pkl
-    from taxogan_ext import dcgan  # noqa: F401  (registers the DCGAN baseline's classes for its pickles)
-    data_pkl = load_network_pkl(pkl)
-    G = (data_pkl['G_ema'] if data_pkl.get('G_ema') is not None else data_pkl['G']).eval().to(device)
-    c = torch.zeros([num, G.c_dim], device=device)
+    G = evaluation_network(load_network_pkl(pkl)).eval().to(device)
+    label = None
     if G.c_dim:
         dataset = ImageFolderDataset(data, use_labels=True, cache=False)
-        c[:] = torch.from_numpy(dataset.get_label(0)).to(device)
+        label = dataset.get_label(0)
         dataset.close()
-    z = torch.from_numpy(np.stack([np.random.RandomState(seed + i).randn(G.z_dim) for i in range(num)])).to(device, torch.float32)
-    with torch.no_grad():
-        images = torch.cat([to_uint8(G(zb, cb, truncation_psi=1, noise_mode='const')) for zb, cb in zip(z.split(16), c.split(16))])
-    return images.cpu().numpy()
+    return generate_images(G, list(range(seed, seed + num)), label=label, device=device).numpy()
 
 def compose_grid(
     rows,                   # list of (label, uint8 [N, C, H, W]) drawn one row each
@@ -670,7 +661,7 @@ def write_table1_report(
 #----------------------------------------------------------------------------
 # Command line.
 
-@click.command()
+@click.command(cls=cli.Command)
 # Main options.
 @click.argument('exp_dir', metavar='DIR', type=str)
 @click.option('--layout',     help='Experiment layout: a train_hier.py folder, or a folder of Table 1 runs (auto: by what is there)',
@@ -692,17 +683,15 @@ def main(**kwargs):
     c = dict(kwargs)
     exp_dir = Path(c['exp_dir'])
     if not exp_dir.is_dir():
-        raise click.ClickException(f'{exp_dir}: no such folder')
+        raise ReportError(f'{exp_dir}: no such folder')
+    device = cli.pick_device(c['device'])
     layout = c['layout']
     if layout == 'auto':
         layout = 'hier' if (exp_dir / hierarchy.RESULTS_FILE).is_file() else 'table1'
-    try:
-        if layout == 'hier':
-            written = write_report(exp_dir, grids=c['grids'], curves=c['curves'], num_images=c['num'], device=c['device'])
-        else:
-            written = write_table1_report(exp_dir, grids=c['grids'], curves=c['curves'], num_images=c['num'], device=c['device'])
-    except (ReportError, hierarchy.PlanError, NetworkPickleError, DatasetError) as exc:
-        raise click.ClickException(str(exc)) from None
+    if layout == 'hier':
+        written = write_report(exp_dir, grids=c['grids'], curves=c['curves'], num_images=c['num'], device=device)
+    else:
+        written = write_table1_report(exp_dir, grids=c['grids'], curves=c['curves'], num_images=c['num'], device=device)
     for path in written:
         click.echo(f'wrote {path}')
 

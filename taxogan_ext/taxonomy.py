@@ -1,17 +1,17 @@
 """The taxonomy tree of a dataset collection and its manifest (`DEST/manifest.json`).
 
 `dataset_tool_ext.py build` writes one zip per taxon and a manifest describing the tree;
-later code (the hierarchical planner, the report) reads it back with `load_manifest()`.
+later code (the hierarchical planner, the report, the taxon detector and metrics) reads it back with `load_manifest()`,
+the one reader of the format.
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
 from pathlib import Path
 
-from stylegan2ada.util import UserError, write_json_atomic  # noqa: F401  (re-exported: the dataset tool writes manifests with it)
+from stylegan2ada.util import UserError, sha256_file
 
 MANIFEST_FORMAT = 'taxogan-datasets/1'
 MANIFEST_NAME = 'manifest.json'
@@ -183,6 +183,14 @@ class Manifest:
         labels = self._get(name).labels
         return None if labels is None else list(labels)
 
+    def taxon_of_dataset(self, dataset_path) -> str | None:
+        """Name of the taxon whose zip is `dataset_path` (compared by file name), or None."""
+        base = os.path.basename(os.path.normpath(dataset_path))
+        for name, taxon in self.taxa.items():
+            if taxon.dataset == base:
+                return name
+        return None
+
     def num_images(self, name: str) -> int:
         """Number of images in the zip of `name`."""
         return self._get(name).num_images
@@ -193,15 +201,11 @@ class Manifest:
 
     def verify(self, name: str) -> str:
         """'ok' if the zip of `name` exists and has the SHA-256 of the manifest, else what is wrong."""
-        path = self.dataset_path(name)
-        digest = hashlib.sha256()
         try:
-            with open(path, 'rb') as f:
-                for block in iter(lambda: f.read(1 << 20), b''):
-                    digest.update(block)
+            digest = sha256_file(self.dataset_path(name))
         except OSError as e:
             return f'cannot read: {e.strerror or e}'
-        return 'ok' if digest.hexdigest() == self._get(name).sha256 else 'SHA-256 differs from the manifest'
+        return 'ok' if digest == self._get(name).sha256 else 'SHA-256 differs from the manifest'
 
     def format_tree(self) -> str:
         """The tree with image counts, one taxon a line, like '1969 Copepoda (class) = 902 Calanoida + ...'."""
@@ -290,5 +294,21 @@ def load_manifest(datasets_dir) -> Manifest:
     except json.JSONDecodeError as e:
         raise ManifestError(f'{path}: not valid JSON ({e})') from None
     return manifest_from_dict(data, path.parent)
+
+def manifest_beside(dataset_path) -> Manifest | None:
+    """The manifest of the datasets folder holding a dataset zip (or folder), or None when there is none."""
+    folder = Path(os.path.abspath(os.path.normpath(dataset_path))).parent
+    return load_manifest(folder) if (folder / MANIFEST_NAME).is_file() else None
+
+def dataset_class_names(
+    dataset_path,           # a dataset zip or folder
+    label_names,            # its class names from dataset.json, or None
+    manifest,               # the Manifest beside it, or None
+) -> list[str] | None:
+    """A dataset's class names: its own, else (a zip written before dataset.json carried them) its manifest entry's labels."""
+    if label_names:
+        return list(label_names)
+    name = manifest.taxon_of_dataset(dataset_path) if manifest is not None else None
+    return manifest.labels(name) if name is not None else None
 
 #----------------------------------------------------------------------------

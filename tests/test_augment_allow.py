@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from stylegan2ada.augment import PRESETS, TRANSFORMS, AugmentPipe
-from taxogan_ext.augment_allow import NAMED_SETS, describe, resolve_augment_kwargs
+from stylegan2ada.util import UserError
+from taxogan_ext.augment_allow import NAMED_SETS, AugmentChoiceError, describe, resolve_augment_kwargs
 
 
 def test_preset_alone_is_a_copy_of_the_preset():
@@ -42,25 +43,26 @@ def test_named_sets():
 
 
 def test_unknown_names_give_one_line_with_the_valid_names():
-    with pytest.raises(ValueError) as err:
+    assert issubclass(AugmentChoiceError, UserError)       # the command-line tools print it as one line
+    with pytest.raises(AugmentChoiceError) as err:
         resolve_augment_kwargs('bgc', 'xflip,xflop', None)
     msg = str(err.value)
     assert '\n' not in msg and '--aug-allow' in msg and "'xflop'" in msg
     assert all(t in msg for t in TRANSFORMS) and all(s in msg for s in NAMED_SETS)
-    with pytest.raises(ValueError, match=r"--aug-deny: unknown augmentation 'blur'"):
+    with pytest.raises(AugmentChoiceError, match=r"--aug-deny: unknown augmentation 'blur'"):
         resolve_augment_kwargs('bgc', None, 'blur')
-    with pytest.raises(ValueError, match=r"--augpipe: unknown preset 'bgx'.*bgcfnc"):
+    with pytest.raises(AugmentChoiceError, match=r"--augpipe: unknown preset 'bgx'.*bgcfnc"):
         resolve_augment_kwargs('bgx', None, None)
 
 
 def test_empty_results_are_errors():
-    with pytest.raises(ValueError, match='no augmentation left'):
+    with pytest.raises(AugmentChoiceError, match='no augmentation left'):
         resolve_augment_kwargs('blit', 'noise', None)
-    with pytest.raises(ValueError, match='no augmentation left'):
+    with pytest.raises(AugmentChoiceError, match='no augmentation left'):
         resolve_augment_kwargs('blit', None, 'xflip,rotate90,xint')
-    with pytest.raises(ValueError, match='no augmentation left'):
+    with pytest.raises(AugmentChoiceError, match='no augmentation left'):
         resolve_augment_kwargs(None, ' , ', None)
-    with pytest.raises(ValueError, match='no augmentations chosen'):
+    with pytest.raises(AugmentChoiceError, match='no augmentations chosen'):
         resolve_augment_kwargs(None, None, None)
 
 

@@ -107,15 +107,21 @@ def test_jpeg_and_mixed_modes_read_as_rgb(tmp_path):
     assert np.abs(ds[1][0].astype(int) - color.transpose(2, 0, 1)).mean() < 4       # JPEG is lossy, close
 
 
-def test_label_names_from_manifest(tmp_path):
+def test_label_names_only_from_dataset_json(tmp_path):
+    # The engine reads class names from dataset.json alone; a datasets manifest beside the zip is the extension's
+    # business (taxogan_ext.taxon_metrics reads it for datasets written without label_names).
     images = _random_images(3)
-    _write_zip(tmp_path / 'Copepoda.zip', _labelled_files(images, [0, 1, 1]))
     manifest = {'format': 'taxogan-datasets/1', 'taxa': {
-        'Copepoda': {'rank': 'class', 'parent': None, 'dataset': 'Copepoda.zip', 'labels': ['Calanoida', 'Cyclopoida', 'Harpacticoida']},
-        'Calanoida': {'rank': 'order', 'parent': 'Copepoda', 'dataset': 'Calanoida.zip', 'labels': None}}}
+        'Copepoda': {'rank': 'class', 'parent': None, 'dataset': 'Copepoda.zip', 'labels': ['Calanoida', 'Cyclopoida', 'Harpacticoida']}}}
     (tmp_path / 'manifest.json').write_text(json.dumps(manifest))
+    _write_zip(tmp_path / 'Copepoda.zip', _labelled_files(images, [0, 1, 1]))
     ds = ImageFolderDataset(str(tmp_path / 'Copepoda.zip'), use_labels=True)
-    assert ds.label_names == ['Calanoida', 'Cyclopoida', 'Harpacticoida']
+    assert ds.label_names is None and ds.label_dim == 2
+    np.testing.assert_array_equal(ds.get_label(2), [0, 1])
+    names = ['Calanoida', 'Cyclopoida', 'Harpacticoida']
+    _write_zip(tmp_path / 'Copepoda.zip', _labelled_files(images, [0, 1, 1], label_names=names))
+    ds = ImageFolderDataset(str(tmp_path / 'Copepoda.zip'), use_labels=True)
+    assert ds.label_names == names
     assert ds.label_dim == 3   # the class list sets the width even though class 2 has no image here
     np.testing.assert_array_equal(ds.get_label(2), [0, 1, 0])
 

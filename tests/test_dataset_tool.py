@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import dataset_tool_ext
+from stylegan2ada.dataset import ImageFolderDataset
 from taxogan_ext import collection, taxonomy
 
 RES = 32        # output side of the test builds
@@ -89,6 +90,13 @@ def _build(args, expect_ok=True):
         assert result.exit_code == 0, result.output + repr(result.exception)
     return result
 
+def _build_tree(tmp_path: Path) -> Path:
+    """SPEC as a folder tree TMP/photos/<class>/<order>/, built into TMP/datasets with BASE_ARGS; returns the latter."""
+    src, dest = tmp_path / 'photos', tmp_path / 'datasets'
+    _write_collection(src, lambda file, path: '/'.join(path) + '/' + file)
+    _build(['--source', str(src), '--dest', str(dest), *BASE_ARGS])
+    return dest
+
 def _zip_contents(path: Path) -> tuple[dict, dict]:
     with zipfile.ZipFile(path) as zf:
         meta = json.loads(zf.read('dataset.json'))
@@ -122,6 +130,7 @@ def _check_build(
     assert manifest.labels('Copepoda') == ['Calanoida', 'Cyclopoida', 'Harpacticoida', 'Copepoda (unplaced)']
     meta, images = _zip_contents(manifest.dataset_path('Copepoda'))
     assert sorted(images) == [name for name, _c in meta['labels']] and len(images) == counts['Copepoda']
+    assert meta['label_names'] == manifest.labels('Copepoda')     # the class names travel with the labels
     per_class = [counts['Calanoida'], counts['Cyclopoida'], counts['Harpacticoida'], direct['Copepoda']]
     assert np.bincount([c for _n, c in meta['labels']], minlength=4).tolist() == per_class
     for image in images.values():
@@ -136,6 +145,27 @@ def _check_build(
         assert manifest.sha256(name) == hashlib.sha256(manifest.dataset_path(name).read_bytes()).hexdigest()
         assert manifest.verify(name) == 'ok'
     return manifest
+
+def test_zip_carries_its_class_names(tmp_path):
+    # dataset.json names the classes in label order wherever the zip has labels, so that the engine reads a zip
+    # copied away from its manifest with the same class names.
+    manifest = taxonomy.load_manifest(_build_tree(tmp_path))
+    alone = tmp_path / 'alone'
+    alone.mkdir()
+    for name in manifest.taxa:
+        (alone / manifest.taxon(name).dataset).write_bytes(manifest.dataset_path(name).read_bytes())
+        meta, _images = _zip_contents(alone / manifest.taxon(name).dataset)
+        expected = manifest.labels(name)
+        assert meta.get('label_names') == expected and (meta['labels'] is None) == (expected is None)
+        dataset = ImageFolderDataset(str(alone / manifest.taxon(name).dataset), use_labels=True)
+        assert dataset.label_names == expected
+        if expected is not None:
+            # Each image's class is the index of its child taxon (or of the unplaced class) in those names.
+            by_source = {i['file']: i['taxon'] for i in manifest.extra['images']}
+            for fname, label in zip(dataset.image_fnames, dataset.raw_labels):
+                child = by_source[fname]
+                assert expected[int(label)] == (child if child in expected else taxonomy.unplaced_label(name))
+    assert manifest.labels('Copepoda') == ['Calanoida', 'Cyclopoida', 'Harpacticoida', 'Copepoda (unplaced)']
 
 #----------------------------------------------------------------------------
 # Folder tree.
@@ -354,10 +384,7 @@ def test_ecotaxa_export(tmp_path):
 # Manifest API.
 
 def test_manifest_api(tmp_path):
-    src = tmp_path / 'photos'
-    _write_collection(src, lambda file, path: '/'.join(path) + '/' + file)
-    dest = tmp_path / 'datasets'
-    _build(['--source', str(src), '--dest', str(dest), *BASE_ARGS])
+    dest = _build_tree(tmp_path)
     m = taxonomy.load_manifest(dest)
     assert list(m.taxa) == ['Copepoda', 'Calanoida', 'Cyclopoida', 'Harpacticoida']   # tree order
     assert m.children('Copepoda') == ['Calanoida', 'Cyclopoida', 'Harpacticoida'] and m.children('Calanoida') == []
@@ -476,19 +503,57 @@ def test_interrupted_build_leaves_previous_datasets_intact(tmp_path, monkeypatch
         return real_write_zip(*args, **kwargs)
     monkeypatch.setattr(collection, 'write_zip', write_zip_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        collection.build_datasets(**_build_kwargs(src, dest, square='crop'), log=lambda *a: None)
+        collection.build_datasets(_build_options(src, dest, square='crop'), log=lambda *a: None)
     # No temporary zip or staging folder is left; the old zips still match the old manifest.
     assert sorted(p.name for p in dest.iterdir()) == before
     manifest = taxonomy.load_manifest(dest)
     assert all(manifest.verify(name) == 'ok' for name in manifest.taxa)
 
-def _build_kwargs(src, dest, **overrides) -> dict:
-    kwargs = dict(source=str(src), dest=str(dest), ranks='class,order', resolution=RES, fmt='auto',
-                  rank_cols=None, path_col=None, id_col=None, tree_ranks=None, root=None, min_size=MIN, exclude=None,
-                  near_dup_threshold=4, max_per_taxon=None, square='pad', channels='auto', workers=1,
-                  download_threads=2, cache=None, timeout=5.0, retries=0, compress_level=1, dry_run=False)
-    kwargs.update(overrides)
-    return kwargs
+def _build_options(src, dest, **overrides) -> collection.BuildOptions:
+    return collection.BuildOptions(source=str(src), dest=str(dest), resolution=RES, min_size=MIN, workers=1,
+                                   download_threads=2, timeout=5.0, retries=0, **overrides)
+
+def test_each_stage_accounts_for_what_it_was_given(tmp_path):
+    # The build is its stages: each passes on or drops every item it gets, and their drops, sorted by source, are the
+    # manifest's. The duplicate stage agrees with a brute-force search over Python ints.
+    src = tmp_path / 'photos'
+    where = _write_collection(src, lambda file, path: '/'.join(path) + '/' + file)
+    (tmp_path / 'exclude.txt').write_text('Copepoda/Calanoida/x0.png\n')
+    options = collection.checked_options(_build_options(src, tmp_path / 'datasets', max_per_taxon=1,
+                                                        exclude=str(tmp_path / 'exclude.txt')))
+    quiet = lambda *a: None
+    records, fmt = collection.read_records(options, quiet)
+    assert fmt == 'tree' and [r.source for r in records] == sorted(where.values())
+    placed = collection.place_records(records, options, quiet)
+    fetched = collection.fetch_records(placed.kept, options)
+    (tmp_path / 'staged').mkdir()
+    decoded = collection.decode_images(fetched.kept, options, tmp_path / 'staged')
+    unique = collection.drop_duplicates(decoded.kept, options.near_dup_threshold)
+    capped = collection.cap_per_taxon(unique.kept, options.max_per_taxon)
+    stages = [(records, placed), (placed.kept, fetched), (fetched.kept, decoded), (decoded.kept, unique), (unique.kept, capped)]
+    reasons = [{d['reason'] for d in sifted.dropped} for _given, sifted in stages]
+    assert reasons == [{'excluded'}, set(), {'too_small', 'unreadable'}, {'duplicate', 'near_duplicate'}, {'max_per_taxon'}]
+    for given, sifted in stages:
+        assert len(sifted.kept) + len(sifted.dropped) == len(given)
+    # --max-per-taxon 1: one image each of Calanoida (3 left), Cyclopoida (2), Harpacticoida (1), Copepoda itself (1).
+    assert sorted(i.record.path[-1] for i in capped.kept) == ['Calanoida', 'Copepoda', 'Cyclopoida', 'Harpacticoida']
+
+    kept, near = [], {}
+    for image in decoded.kept:
+        if any(image.facts['content'] == k.facts['content'] for k in kept):
+            continue
+        distances = [bin(image.facts['dhash'] ^ k.facts['dhash']).count('1') for k in kept]
+        if distances and min(distances) <= options.near_dup_threshold:
+            near[image.record.source] = (min(distances), kept[distances.index(min(distances))].record.source)
+            continue
+        kept.append(image)
+    assert [i.record.source for i in unique.kept] == [i.record.source for i in kept]
+    assert {d['source']: d['detail'] for d in unique.dropped if d['reason'] == 'near_duplicate'} == \
+        {source: f'dHash distance {n} to {other}' for source, (n, other) in near.items()}
+
+    collection.build_datasets(options, log=quiet)
+    drops = sorted((d for _given, sifted in stages for d in sifted.dropped), key=lambda d: d['source'])
+    assert taxonomy.load_manifest(tmp_path / 'datasets').dropped == drops
 
 #----------------------------------------------------------------------------
 # Image helpers, against hand-computed values.
@@ -506,7 +571,6 @@ def test_image_helpers():
     ramp = np.tile(np.arange(9, dtype=np.uint8) * 20, (8, 1))
     assert collection.dhash64(Image.fromarray(ramp)) == 2 ** 64 - 1
     assert collection.dhash64(Image.fromarray(ramp[:, ::-1].copy())) == 0
-    assert collection.hamming(0b1011, 0b0110) == 3
     # 16-bit grayscale maps 65535 -> 255 and 257 * k -> k.
     img16 = Image.fromarray(np.array([[0, 257 * 100, 65535]], np.uint16))
     canon, gray = collection.to_canonical(img16)

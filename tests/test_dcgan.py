@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import generate
-from stylegan2ada.image_utils import to_uint8
+from stylegan2ada.image_utils import generate_images, to_uint8
 from stylegan2ada.loss import StyleGAN2Loss
 from stylegan2ada.pickles import load_network_pkl, save_network_pkl
 from stylegan2ada.training_loop import training_loop
-from taxogan_ext.dcgan import DCGAN_DEFAULTS, DCGANDiscriminator, DCGANGenerator
+from stylegan2ada.util import UserError
+from taxogan_ext.dcgan import DCGAN_DEFAULTS, DCGANConfigError, DCGANDiscriminator, DCGANGenerator
 from training_helpers import tiny_loop_kwargs, write_zip
 
 
@@ -93,13 +93,15 @@ def test_init_statistics():
 
 
 def test_bad_configurations_raise():
-    with pytest.raises(ValueError, match='unconditional'):
+    # Configurations are user errors (one line from the command-line tools) that pickle loading still sees as ValueError.
+    assert issubclass(DCGANConfigError, UserError) and issubclass(DCGANConfigError, ValueError)
+    with pytest.raises(DCGANConfigError, match='unconditional'):
         DCGANGenerator(c_dim=4)
-    with pytest.raises(ValueError, match='unconditional'):
+    with pytest.raises(DCGANConfigError, match='unconditional'):
         DCGANDiscriminator(c_dim=2)
-    with pytest.raises(ValueError, match='resolutions'):
+    with pytest.raises(DCGANConfigError, match='resolutions'):
         DCGANGenerator(img_resolution=48)
-    with pytest.raises(ValueError, match='channels'):
+    with pytest.raises(DCGANConfigError, match='channels'):
         DCGANDiscriminator(img_channels=2)
     G = DCGANGenerator(z_dim=8, img_resolution=32, ngf=2)
     with pytest.raises(ValueError, match='unconditional'):
@@ -127,7 +129,7 @@ def test_pickle_round_trip_and_generate(tmp_path):
     for key, ref in (('G', G), ('G_ema', G), ('D', D)):
         for (name, x), y in zip(ref.state_dict().items(), data[key].state_dict().values()):
             assert torch.equal(x, y), f'{key}.{name}'
-    images = generate.generate_images(data['G_ema'], seeds=[0, 1])
+    images = generate_images(data['G_ema'], seeds=[0, 1])
     z = torch.from_numpy(np.stack([np.random.RandomState(s).randn(16) for s in (0, 1)])).float()
     with torch.no_grad():
         direct = G(z, torch.zeros([2, 0]), noise_mode='const')
@@ -252,4 +254,4 @@ def test_training_loop_trains_dcgan_with_its_defaults(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(init.state_dict().values(), snap['G'].state_dict().values()))  # trained
     for (name, x), y in zip(snap['G'].state_dict().items(), snap['G_ema'].state_dict().values()):
         assert torch.equal(x, y), name                                  # ema_kimg 0: G_ema = G
-    assert generate.generate_images(snap['G_ema'], seeds=[0]).shape == (1, 1, 32, 32)
+    assert generate_images(snap['G_ema'], seeds=[0]).shape == (1, 1, 32, 32)

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 from scipy import ndimage
 
+from stylegan2ada.util import TEMP_PREFIX
 from taxogan_ext import demo_data
 from taxogan_ext.demo_data import CLASS_NAME, ORDERS, demo_counts, write_demo_collection
 
@@ -80,7 +81,7 @@ def test_written_counts_and_tree(tmp_path):
         assert [f.name for f in files] == [f'{order.lower()}_{i:05d}.png' for i in range(n)]
     assert sorted(p.name for p in (tmp_path / CLASS_NAME).glob('*.png')) == [f'copepoda_{i:05d}.png' for i in range(3)]
     assert len(list(tmp_path.rglob('*.png'))) == 18 + 15 + 8 + 8 + 3
-    assert not list(tmp_path.rglob('*.tmp'))
+    assert not [p for p in tmp_path.rglob('*') if p.name.startswith('.')]     # no temporary file left
     record = json.loads((tmp_path / demo_data.MANIFEST_NAME).read_text())
     assert record['counts'] == counts and record['num_images'] == 52 and record['options']['seed'] == 3
     assert 'NOT photographs' in (tmp_path / 'README.txt').read_text()
@@ -211,6 +212,13 @@ def test_incomplete_or_changed_collection_is_redrawn(tmp_path):
     assert len(_order_files(tmp_path, 'Calanoida')) == 9 + 1
     assert len(_order_files(tmp_path, 'Cyclopoida')) == 8
     assert foreign.read_bytes() == b'not ours'
+    # A temporary file of a killed run goes at the next write; one that is not ours stays.
+    killed = tmp_path / CLASS_NAME / 'Calanoida' / f'{TEMP_PREFIX}calanoida_00003.png.k9x2'
+    other = tmp_path / CLASS_NAME / 'Calanoida' / f'{TEMP_PREFIX}notes.txt.k9x2'
+    killed.write_bytes(b'half an image')
+    other.write_bytes(b'not ours')
+    write_demo_collection(tmp_path, scale=0.01, force=True, **kw)
+    assert not killed.exists() and other.read_bytes() == b'not ours'
     assert json.loads((tmp_path / demo_data.MANIFEST_NAME).read_text())['options']['scale'] == 0.01
 
 #----------------------------------------------------------------------------

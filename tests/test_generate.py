@@ -7,8 +7,11 @@ import torch
 from click.testing import CliRunner
 
 import generate
+from stylegan2ada.image_utils import generate_images
 from stylegan2ada.networks import Generator
 from stylegan2ada.pickles import save_network_pkl
+from taxogan_ext import report
+from training_helpers import write_zip
 
 
 def _tiny_generator(c_dim=0):
@@ -51,6 +54,25 @@ def test_conditional_needs_class(tmp_path):
     assert result.exit_code != 0 and 'out of range' in result.output
     result = CliRunner().invoke(generate.main, ['--network', str(path), '--outdir', str(tmp_path / 'o'), '--class', '2', '--seeds', '1'])
     assert result.exit_code == 0, result.output
+
+
+def test_generate_and_report_make_the_same_conditional_images(tmp_path):
+    # One generation function: generate.py --class 2 and the report's grid rows (class of the dataset's first image)
+    # give the same images, equal to a direct forward pass with the one-hot label (batches of 16, so 20 seeds use two).
+    path = tmp_path / 'cond.pkl'
+    save_network_pkl(path, dict(G_ema=_tiny_generator(c_dim=3)))
+    seeds = list(range(20))
+    result = CliRunner().invoke(generate.main, ['--network', str(path), '--class', '2', '--seeds', '0-19', '--outdir', str(tmp_path / 'o')])
+    assert result.exit_code == 0, result.output
+    from_cli = np.stack([np.asarray(PIL.Image.open(tmp_path / 'o' / f'seed{s:04d}.png')).transpose(2, 0, 1) for s in seeds])
+    data = write_zip(tmp_path / 'd.zip', num_images=4, labels=[2, 0, 1, 2])
+    from_report = report.generated_images(str(path), data, 20)
+    G = _tiny_generator(c_dim=3)
+    z = torch.from_numpy(np.stack([np.random.RandomState(s).randn(8) for s in seeds])).float()
+    with torch.no_grad():
+        direct = (G(z, torch.eye(3)[[2] * 20], noise_mode='const') * 127.5 + 128).clamp(0, 255).to(torch.uint8).numpy()
+    assert np.array_equal(from_cli, direct) and np.array_equal(from_report, direct)
+    assert np.array_equal(generate_images(G, seeds, label=[0, 0, 1]).numpy(), direct)
 
 
 @pytest.mark.parametrize('content', [None, b'garbage'])

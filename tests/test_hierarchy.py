@@ -6,16 +6,17 @@ import os
 import warnings
 import zipfile
 
-import click
 import pytest
 import torch
 from click.testing import CliRunner
 
 import train_hier
+from stylegan2ada.networks import Discriminator, Generator
 from stylegan2ada.pickles import load_network_pkl
+from stylegan2ada.util import UserError
 from taxogan_ext import hierarchy
 from taxogan_ext.taxonomy import ManifestError, manifest_from_dict
-from test_pickles import nvidia_modules  # noqa: F401  (fixture)
+from test_pickles import _write_nvidia_pickle, nvidia_modules  # noqa: F401  (nvidia_modules: a fixture)
 from training_helpers import write_zip
 
 ORDERS = {'Calanoida': 9, 'Cyclopoida': 7, 'Harpacticoida': 4, 'Siphonostomatoida': 5}
@@ -218,6 +219,26 @@ def test_finished_stages_are_skipped(tmp_path):
     assert third.calls == [] and len(records) == 5 and all('kid10_full' in r['metrics'] for r in records)
 
 
+def test_where_a_stage_starts_from(tmp_path):
+    manifest = _write_datasets(tmp_path / 'ds')
+    out = tmp_path / 'exp'
+    plan = hierarchy.build_plan(manifest, out, 'descending', targets='Cyclopoida', kimg_parent=0.002, kimg_child=0.001)
+    top, child = plan.stages
+    assert hierarchy.stage_start_pkl(top, out) is None and hierarchy.stage_start_sha256(top, out) is None
+    # Before the start stage is trained: its folder (train_hier.py checks the options with it), and no hash.
+    assert hierarchy.stage_start_pkl(child, out, final=False) == str(out / 'Copepoda')
+    assert hierarchy.stage_start_sha256(child, out) is None
+    _run(manifest, out, targets='Cyclopoida')
+    final = out / 'Copepoda' / 'network-snapshot-000001.pkl'
+    assert hierarchy.stage_start_pkl(child, out) == str(final) and hierarchy.stage_start_sha256(child, out) == _sha(final)
+    # From a pickle: the pickle itself, hashed afresh.
+    pkl = tmp_path / 'calanoida.pkl'
+    pkl.write_bytes(b'weights')
+    (stage,) = hierarchy.build_plan(manifest, out, 'direct', targets='Cyclopoida', resume_pkl=str(pkl)).stages
+    assert hierarchy.stage_start_pkl(stage, out) == hierarchy.stage_start_pkl(stage, out, final=False) == str(pkl)
+    assert hierarchy.stage_start_sha256(stage, out) == hashlib.sha256(b'weights').hexdigest()
+
+
 def test_dataset_hash_change_reruns_stage_and_dependents(tmp_path):
     manifest = _write_datasets(tmp_path / 'ds')
     out = tmp_path / 'exp'
@@ -304,7 +325,7 @@ def test_interrupted_stage_resumes_from_its_snapshot(tmp_path):
 
     out = tmp_path / 'exp'
     plan = hierarchy.build_plan(manifest, out, 'descending', kimg_parent=0.016, kimg_child=0.016, **kwargs)
-    with pytest.raises(click.ClickException, match='interrupted; snapshot written'):
+    with pytest.raises(UserError, match='interrupted; snapshot written'):     # one line, no traceback
         hierarchy.run_plan(plan, manifest, interrupting, ['fid10_full'], 'fake.pt', evaluate_fn=_fake_eval,
                            log=lambda *_: None, progress=False)
     states = hierarchy.plan_states(plan, [], ['fid10_full'], 'fake.pt')
@@ -449,8 +470,6 @@ def test_cli_metrics_none_trains_without_evaluating_then_evaluates_later(tmp_pat
 def test_cli_resume_nvidia_pickle_of_other_sizes_at_256px(tmp_path, nvidia_modules):
     # train_hier.py --resume <NVIDIA pickle made with channel_base 8192> on a 256 px dataset: the stage builds networks of
     # the pickle's sizes (not --cfg auto's 16384 / 512-dim ones), says so in one line, and copies every tensor.
-    from stylegan2ada.networks import Discriminator, Generator
-    from test_pickles import _write_nvidia_pickle
     root = tmp_path / 'ds'
     root.mkdir()
     data = _manifest_data()

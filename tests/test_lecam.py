@@ -13,7 +13,8 @@ from stylegan2ada.networks import Discriminator, Generator
 from stylegan2ada.pickles import load_network_pkl, save_network_pkl
 from stylegan2ada.training_loop import training_loop
 from stylegan2ada.training_stats import StatsCollector
-from taxogan_ext.lecam import LECAM_HELP, LeCamRegularizer, lecam_penalty
+from stylegan2ada.util import UserError
+from taxogan_ext.lecam import LECAM_HELP, LeCamRegularizer, LeCamSettingError, lecam_penalty
 from training_helpers import tiny_loop_kwargs, write_zip
 
 REAL = [1.0, -0.5, 2.0, 0.3]
@@ -156,6 +157,16 @@ def test_before_start_kimg_loss_is_zero_but_ema_updates():
     off = LeCamRegularizer()                                            # default weight 0: off, stats still reported
     loss, stats = off(real_logits=real, gen_logits=fake, cur_nimg=10 ** 6)
     assert float(loss) == 0.0 and set(stats) >= {'Loss/D/lecam', 'LeCam/ema_real', 'LeCam/ema_fake'}
+
+
+@pytest.mark.parametrize('kwargs,match', [(dict(weight=-1), r'^LeCam weight must be >= 0, got -1$'),
+                                          (dict(decay=1.0), r'^LeCam decay must be in \[0, 1\), got 1.0$'),
+                                          (dict(start_kimg=float('nan')), r'^LeCam start_kimg must be >= 0, got nan$')])
+def test_settings_out_of_range_are_user_errors(kwargs, match):
+    # A user error: the command-line tools print it as one line (a ValueError would show a traceback).
+    with pytest.raises(LeCamSettingError, match=match) as err:
+        LeCamRegularizer(**kwargs)
+    assert isinstance(err.value, UserError)
 
 
 def test_state_round_trip_through_pickle_resumes_exactly(tmp_path):

@@ -9,19 +9,25 @@ import zipfile
 import numpy as np
 import PIL.Image
 import pytest
+import requests
 import scipy.linalg
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from stylegan2ada.metrics import (MetricError, calc_metric, calc_taxon_accuracy_on_reals, frechet_distance,
-                                  kernel_inception_distance, parse_metric_name, report_metric, train_taxon_classifier)
+import calc_metrics
+
+from stylegan2ada.metrics import (MetricError, calc_metric, frechet_distance, kernel_inception_distance, parse_metric_name,
+                                  report_metric)
 from stylegan2ada.metrics import detectors as det_mod
 from stylegan2ada.metrics.detectors import Detector, DetectorError, resolve_detector
 from stylegan2ada.metrics.metric_main import select_detector
 from stylegan2ada.networks import Generator
 from stylegan2ada.pickles import load_network_pkl, save_network_pkl
-from training_helpers import zip_entry
+from stylegan2ada.training_loop import training_loop
+from taxogan_ext.taxon_detector import load_taxon_metadata, train_taxon_classifier
+from taxogan_ext.taxon_metrics import calc_taxon_accuracy_on_reals
+from training_helpers import tiny_loop_kwargs, write_zip, zip_entry
 
 # The tests save their tiny detectors as TorchScript, which torch now marks deprecated.
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit:DeprecationWarning', 'ignore::scipy.linalg.LinAlgWarning')
@@ -129,16 +135,21 @@ def test_kid_is_unbiased():
 
 
 def test_metric_name_parsing():
-    assert tuple(parse_metric_name('fid50k_full')) == ('fid50k_full', 'fid', 50000, True, False)
-    assert tuple(parse_metric_name('kid50k')) == ('kid50k', 'kid', 50000, False, False)
-    assert tuple(parse_metric_name('fid2k_full_taxon')) == ('fid2k_full_taxon', 'fid', 2000, True, True)
-    assert tuple(parse_metric_name('kid500')) == ('kid500', 'kid', 500, False, False)
-    assert tuple(parse_metric_name('acc_taxon')) == ('acc_taxon', 'acc', 10000, False, True)
-    assert tuple(parse_metric_name('acc2k_taxon')) == ('acc2k_taxon', 'acc', 2000, False, True)
+    # The last field: the detector kind whose suffix the name carries (taxogan_ext registers 'taxon' and acc).
+    assert tuple(parse_metric_name('fid50k_full')) == ('fid50k_full', 'fid', 50000, True, None)
+    assert tuple(parse_metric_name('kid50k')) == ('kid50k', 'kid', 50000, False, None)
+    assert tuple(parse_metric_name('fid2k_full_taxon')) == ('fid2k_full_taxon', 'fid', 2000, True, 'taxon')
+    assert tuple(parse_metric_name('kid500')) == ('kid500', 'kid', 500, False, None)
+    assert tuple(parse_metric_name('acc_taxon')) == ('acc_taxon', 'acc', 10000, False, 'taxon')
+    assert tuple(parse_metric_name('acc2k_taxon')) == ('acc2k_taxon', 'acc', 2000, False, 'taxon')
     for bad in ['fid', 'fid50k_taxon_full', 'acc', 'acc2k', 'is50k', 'fid0k', 'kid5k_full_extra', 'FID50k']:
         with pytest.raises(MetricError) as exc:
             parse_metric_name(bad)
         assert 'valid forms' in str(exc.value) and '\n' not in str(exc.value)
+    # The forms are assembled from the registered families and detector kinds; with taxogan_ext's, the same text as
+    # when the engine had them built in.
+    assert str(exc.value).endswith('valid forms: fid<N>[k][_full][_taxon], kid<N>[k][_full][_taxon], acc[<N>[k]]_taxon '
+                                   '(e.g. fid50k_full, kid50k_full, fid2k, kid5k_full_taxon, acc_taxon)')
 
 
 # ----------------------------------------------------------------------------
@@ -359,6 +370,10 @@ def test_resolve_detector_and_naming(tmp_path, tiny_detector):
     assert 'not a taxon detector' in str(exc.value)
     plain = resolve_detector(tiny_detector)
     assert plain.kind == 'file' and plain.suffix == '' and plain.id.startswith('tiny_detector-')
+    assert plain.class_names is None                    # a feature extractor, not a classifier
+    with pytest.raises(DetectorError) as exc:
+        plain.predict(torch.zeros([1, 3, 16, 16], dtype=torch.uint8), 'cpu')
+    assert 'not a classifier' in str(exc.value) and '\n' not in str(exc.value)
     spec = parse_metric_name('fid2k_full_taxon')
     with pytest.raises(MetricError) as exc:
         select_detector(spec, [tiny_detector])
@@ -383,7 +398,6 @@ def _fake_requests_get(payload, fail=False):
                 yield payload[start:start + chunk_size]
 
     def get(url, stream, timeout):
-        import requests
         assert url == det_mod.INCEPTION_URL and stream
         if fail:
             raise requests.ConnectionError('no network')
@@ -392,7 +406,6 @@ def _fake_requests_get(payload, fail=False):
 
 
 def test_inception_offline_error_names_path_and_url(tmp_path, monkeypatch):
-    import requests
     monkeypatch.setenv('TAXOGAN_CACHE', str(tmp_path / 'cache'))
     monkeypatch.delenv('TAXOGAN_OFFLINE', raising=False)
     monkeypatch.setattr(requests, 'get', _fake_requests_get(b'', fail=True))
@@ -409,7 +422,6 @@ def test_inception_offline_error_names_path_and_url(tmp_path, monkeypatch):
 
 
 def test_inception_download_verifies_and_records_checksum(tmp_path, monkeypatch):
-    import requests
     buf = io.BytesIO()
     torch.jit.save(torch.jit.script(Inception2048()), buf)
     payload = buf.getvalue()
@@ -485,7 +497,7 @@ def taxon_setup(tmp_path_factory):
 
 
 def test_taxon_detector_trains_and_acc_on_heldout_reals_equals_its_accuracy(taxon_setup):
-    root, path, meta, _ = taxon_setup
+    root, path, meta, per_class = taxon_setup
     assert meta['class_names'] == list(TAXA) and meta['num_heldout'] == 15 and meta['num_train'] == 45
     assert meta['heldout_accuracy'] >= 0.9
     module = torch.jit.load(path)
@@ -496,7 +508,11 @@ def test_taxon_detector_trains_and_acc_on_heldout_reals_equals_its_accuracy(taxo
     # The metric path (files -> uint8 -> TorchScript) reproduces the training-time held-out accuracy.
     assert reals['acc_taxon'] == meta['heldout_accuracy'] and reals['num_images'] == 15
     assert reals['per_taxon'] == pytest.approx(meta['heldout_accuracy_per_class'])
-    assert resolve_detector(path).is_taxon   # a taxon file given as a plain path keeps the _taxon suffix
+    plain = resolve_detector(path)          # a taxon file given as a plain path keeps the _taxon suffix
+    assert (plain.kind, plain.suffix, plain.spec) == ('taxon', '_taxon', f'taxon:{path}')
+    assert plain.class_names == list(TAXA)
+    image = per_class[2][0]
+    assert plain.predict(torch.from_numpy(image[None]), 'cpu').tolist() == [_prediction(path, image)]
 
 
 def _prediction(path, image_uint8):
@@ -526,6 +542,12 @@ def test_acc_taxon_of_generators(taxon_setup, tmp_path):
     assert result['per_taxon'] == {name: hits[k] for k, name in enumerate(TAXA)}
     # Labels are drawn uniformly from 60 images (20 per class): the overall share is the mixture of the three.
     assert abs(result['results']['acc300_taxon'] - np.mean(hits)) <= 0.12
+    # Root.zip has no label_names (the names came from the manifest); a zip that carries them needs no manifest.
+    (tmp_path / 'alone').mkdir()
+    alone = _write_dataset(tmp_path / 'alone' / 'Root.zip', np.concatenate(per_class), classes=np.repeat(np.arange(3), 20),
+                           label_names=list(TAXA))
+    again = calc_metric('acc300_taxon', Gc, dict(path=alone, use_labels=True), **common)
+    assert again['results'] == result['results'] and again['per_taxon'] == result['per_taxon']
     with pytest.raises(MetricError) as exc:
         calc_metric('acc50_taxon', G, dict(path=str(root / 'Root.zip')), **common)   # Root is above the classes
     assert "'Root'" in str(exc.value)
@@ -556,11 +578,9 @@ def _read_jsonl(path):
 
 
 def test_calc_metrics_cli_with_tiny_detector(tmp_path, tiny_detector):
-    import calc_metrics
     data = _write_dataset(tmp_path / 'reals.zip', _real_images(n=10))
     _tiny_pickle(tmp_path / 'run' / 'network-snapshot-000000.pkl', dict(path=data, use_labels=False, xflip=False))
     pkl = str(tmp_path / 'run' / 'network-snapshot-000000.pkl')
-    from stylegan2ada.pickles import load_network_pkl
     G = load_network_pkl(pkl)['G_ema']          # the generator exactly as the CLI sees it
     args = ['--network', pkl, '--metrics', 'fid24_full,kid24_full', '--detector', tiny_detector, '--cache', str(tmp_path / 'c'),
             '--device', 'cpu', '--batch', '5', '--quiet']
@@ -582,7 +602,6 @@ def test_calc_metrics_cli_with_tiny_detector(tmp_path, tiny_detector):
 
 
 def test_calc_metrics_cli_errors(tmp_path, tiny_detector, monkeypatch):
-    import calc_metrics
     data = _write_dataset(tmp_path / 'reals.zip', _real_images(n=4))
     _tiny_pickle(tmp_path / 'net.pkl', dict(path=data))
     pkl = str(tmp_path / 'net.pkl')
@@ -602,20 +621,20 @@ def test_calc_metrics_cli_errors(tmp_path, tiny_detector, monkeypatch):
 
 
 def test_calc_metrics_cli_taxon_end_to_end_offline(tmp_path, monkeypatch):
-    import calc_metrics
     monkeypatch.setenv('TAXOGAN_OFFLINE', '1')
     monkeypatch.setenv('TAXOGAN_CACHE', str(tmp_path / 'cache'))
     root = tmp_path / 'datasets'
     root.mkdir()
     for k, name in enumerate(TAXA):
         _write_dataset(root / f'{name}.zip', _taxon_images(k, 12, seed=10 + k))
-    manifest = {'format': 'taxogan-datasets/1', 'ranks': ['class', 'order'], 'taxa': {
-        name: {'rank': 'order', 'parent': None, 'dataset': f'{name}.zip', 'num_images': 12, 'labels': None} for name in TAXA}}
+    manifest = {'format': 'taxogan-datasets/1', 'ranks': ['class', 'order'], 'resolution': 16, 'channels': 3, 'taxa': {
+        name: {'rank': 'order', 'parent': None, 'children': [], 'dataset': f'{name}.zip', 'num_images': 12,
+               'num_images_direct': 12, 'labels': None, 'sha256': ''} for name in TAXA}}
     (root / 'manifest.json').write_text(json.dumps(manifest))
     out = CliRunner().invoke(calc_metrics.main, ['train-detector', '--data', str(root), '--out', str(tmp_path / 't.pt'),
                                                  '--res', '16', '--epochs', '8', '--batch', '16', '--device', 'cpu'])
     assert out.exit_code == 0, out.output
-    meta = det_mod.load_taxon_metadata(str(tmp_path / 't.pt'))
+    meta = load_taxon_metadata(str(tmp_path / 't.pt'))
     assert f'held-out accuracy: {meta["heldout_accuracy"]:.4f}' in out.output
     assert f'acc_taxon of the held-out real images: {meta["heldout_accuracy"]:.4f}' in out.output
 
@@ -634,8 +653,6 @@ def test_calc_metrics_cli_taxon_end_to_end_offline(tmp_path, monkeypatch):
 
 def test_training_loop_evaluates_each_snapshot(tmp_path, tiny_detector):
     # The training hook (train.py --metrics) gives the same number as calc_metric on the snapshot it names.
-    from stylegan2ada.training_loop import training_loop
-    from training_helpers import tiny_loop_kwargs, write_zip
     data = write_zip(tmp_path / 'd.zip', num_images=8)
     run_dir = tmp_path / 'run'
     training_loop(**tiny_loop_kwargs(data, run_dir, metrics=['fid8_full', 'kid8_full'], detector=tiny_detector))

@@ -1,13 +1,20 @@
 """train.py as a user runs it: options, dry run, bad data, LeCam and whitelist plumbing."""
 
+import dataclasses
 import json
 import os
+import types
 
+import click
 import pytest
 from click.testing import CliRunner
 
+import generate
 import train
+import train_hier
+from stylegan2ada.dataset import DatasetError
 from stylegan2ada.pickles import load_network_pkl
+from taxogan_ext import training
 from training_helpers import write_zip
 
 TINY = ['--zdim', '8', '--cbase', '64', '--cmax', '8', '--map', '2', '--gamma', '0.01', '--batch', '4', '--device', 'cpu']
@@ -27,10 +34,79 @@ def test_dry_run_prints_options_and_writes_nothing(tmp_path):
 
 
 def test_cfg_auto_matches_nvidia_formulas():
-    spec = train.cfg_spec('auto', resolution=256, gpus=1)
+    spec = training.cfg_spec('auto', resolution=256, gpus=1)
     assert spec['mb'] == 16 and spec['mbstd'] == 4 and spec['fmaps'] == 0.5 and spec['lrate'] == 0.0025
     assert spec['gamma'] == pytest.approx(0.0002 * 256 ** 2 / 16) and spec['ema'] == pytest.approx(16 * 10 / 32)
-    assert train.cfg_spec('auto', resolution=1024, gpus=8)['mb'] == 32
+    assert training.cfg_spec('auto', resolution=1024, gpus=8)['mb'] == 32
+
+
+def test_options_are_declared_once_with_the_values_click_gives():
+    # The defaults built without click equal those train.py's command line yields, types included (--tick's default 4
+    # is 4.0 either way), so that training_options.json reads the same whether a run comes from train.py or a stage.
+    parsed = train.main.make_context('train.py', ['--data', 'd.zip']).params
+    built = dataclasses.asdict(training.TrainingOptions(data='d.zip'))
+    assert [param.name for param in train.main.params] == training.option_names() and parsed == built
+    assert {name: type(value) for name, value in parsed.items()} == {name: type(value) for name, value in built.items()}
+    assert type(built['tick']) is float and type(built['lecam_weight']) is float and type(built['seed']) is int
+    # train_hier.py offers every other option under the same name, type and default, after its own.
+    hier = {param.name: param for param in train_hier.main.params}
+    for param in train.main.params:
+        if param.name in train_hier.PLAN_OWNED:
+            continue
+        other = hier[param.name]
+        assert (other.opts, other.help, repr(other.type), other.metavar, other.default, other.show_default) == \
+               (param.opts, param.help, repr(param.type), param.metavar, param.default, param.show_default)
+    names = [param.name for param in train_hier.main.params]
+    assert names[-len(train_hier.passthrough_names()):] == train_hier.passthrough_names()
+    # Values are checked as on the command line.
+    with pytest.raises(click.BadParameter):
+        training.TrainingOptions(gpus=0)
+
+
+def test_click_options_add_the_fields_to_any_command():
+    @click.command()
+    @click.option('--own', type=int, default=1)
+    @training.click_options(exclude=('data', 'outdir', 'run_dir'))
+    def command(**kwargs):
+        pass
+
+    names = [param.name for param in command.params]
+    assert names[0] == 'own' and names[1:] == [n for n in training.option_names() if n not in ('data', 'outdir', 'run_dir')]
+    ctx = command.make_context('command', ['--lecam-weight', '0.5', '--aug-allow', 'xflip'])
+    assert ctx.params['lecam_weight'] == 0.5 and ctx.params['aug_allow'] == 'xflip' and ctx.params['tick'] == 4.0
+
+
+def test_programming_error_in_a_run_keeps_its_traceback(tmp_path, monkeypatch):
+    # Only user errors (stylegan2ada.util.UserError) become one line; a bug inside the run is not hidden as "Error: ...".
+    def broken_loop(**kwargs):
+        raise ValueError('a bug in the loop')
+
+    monkeypatch.setattr(training, 'training_loop', broken_loop)
+    data = write_zip(tmp_path / 'd.zip')
+    result = CliRunner().invoke(train.main, ['--run-dir', str(tmp_path / 'run'), '--data', data, *TINY])
+    assert isinstance(result.exception, ValueError) and str(result.exception) == 'a bug in the loop'
+    assert 'Error:' not in result.output
+
+    # train_hier.py's stages likewise: a bug propagates, a user error is one line naming the stage.
+    stage = types.SimpleNamespace(key='Calanoida', data=data, kimg=0.004, cond=False, overrides={},
+                                  train_options=dict(zdim=8, cbase=64, cmax=8, map=2, gamma=0.01, batch=4, device='cpu'))
+    with pytest.raises(ValueError, match='^a bug in the loop$'):
+        train_hier.train_stage(stage, str(tmp_path / 'stage'), None, None, None)
+
+    def unreadable(**kwargs):
+        raise DatasetError(f'{data}: unreadable image')
+
+    monkeypatch.setattr(training, 'training_loop', unreadable)
+    with pytest.raises(train_hier.UserError, match=f'^stage Calanoida: {data}: unreadable image$'):
+        train_hier.train_stage(stage, str(tmp_path / 'stage2'), None, None, None)
+
+
+def test_too_small_images_are_one_line_error(tmp_path):
+    data = write_zip(tmp_path / 'd.zip', resolution=4)
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'runs'), '--data', data, *TINY])
+    assert result.exit_code == 1 and result.output.count('\n') == 1, result.output
+    assert "4 px images; StyleGAN2's discriminator needs at least 8 px" in result.output
+    assert not (tmp_path / 'runs').exists()
 
 
 @pytest.mark.parametrize('case,match', [
@@ -76,7 +152,6 @@ def test_lecam_and_whitelist_reach_the_run(tmp_path):
 
 
 def test_dcgan_model_trains_and_generates(tmp_path):
-    import generate
     data = write_zip(tmp_path / 'd.zip', resolution=32)
     result = _run(['--run-dir', str(tmp_path / 'run'), '--data', data, '--model', 'dcgan', '--kimg', '0.008', '--batch', '4',
                    '--cbase', '256', '--device', 'cpu'])

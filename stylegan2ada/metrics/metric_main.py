@@ -1,4 +1,9 @@
-"""Metric registry and runner: parse names like fid50k_full or kid2k_taxon, compute, report to metric-<name>.jsonl."""
+"""Metric registry and runner: parse names like fid50k_full or kid2k, compute, report to metric-<name>.jsonl.
+
+A metric name is a family's form plus, optionally, the suffix of the detector kind it was computed with: the engine's
+families read `<family><N>[k][_full]`; an extension may register families with their own form (register_metric) and
+detector kinds with their suffix (detectors.register_detector_kind).
+"""
 
 import collections
 import json
@@ -6,51 +11,87 @@ import os
 import re
 import time
 
-import numpy as np
-import torch
-import tqdm
-
-from ..dataset import DatasetError, ImageFolderDataset
-from . import metric_utils, taxa
-from .detectors import resolve_detector
+from . import metric_utils
+from .detectors import detector_kind_suffixes, detector_request, resolve_detector
 from .distances import frechet_distance_from_stats, kernel_inception_distance
 from ..util import UserError, format_duration
 
-# Metric families by name; filled by @register_metric below. A metric name is parsed into a family,
-# an image count, the _full flag and the _taxon detector suffix by parse_metric_name().
+# Metric families by name; filled by @register_metric (the engine's below, an extension's at its import).
 METRIC_FAMILIES = {}
 
-VALID_FORMS = ('fid<N>[k][_full][_taxon], kid<N>[k][_full][_taxon], acc[<N>[k]]_taxon '
-               '(e.g. fid50k_full, kid50k_full, fid2k, kid5k_full_taxon, acc_taxon)')
-DEFAULT_ACC_COUNT = 10000       # generated images of acc_taxon without a count
+DEFAULT_FORM = r'(?P<count>\d+)(?P<kilo>k?)(?P<full>_full)?'     # <N>[k][_full], after the family name
+EXAMPLES = ('fid50k_full', 'kid50k_full', 'fid2k')
 KID_NUM_SUBSETS = 100
 KID_MAX_SUBSET_SIZE = 1000
 
-MetricSpec = collections.namedtuple('MetricSpec', ['name', 'family', 'count', 'full', 'taxon'])
+# A parsed metric name; detector_kind: the detector kind whose suffix the name ends in, None = none.
+MetricSpec = collections.namedtuple('MetricSpec', ['name', 'family', 'count', 'full', 'detector_kind'])
+
+# A registered family: fn(opts, spec) -> dict, and its name grammar (see register_metric).
+MetricFamily = collections.namedtuple('MetricFamily', ['fn', 'pattern', 'default_count', 'detector_kind', 'form', 'example'])
 
 
 class MetricError(UserError):
     """A metric request that cannot be served; one line naming the problem."""
 
 
-def register_metric(family):
+def register_metric(
+    family,                     # name the metric names start with, e.g. 'fid'
+    pattern         = None,     # regex of the rest of the name before any detector suffix, with the groups count,
+                                # kilo and full (each optional); None = <N>[k][_full]
+    default_count   = None,     # image count of a name without one; None = the count is required
+    detector_kind   = None,     # the family needs detectors of this kind: its names end in that kind's suffix; None = any
+    form            = None,     # the name forms for error messages, e.g. 'acc[<N>[k]]_taxon'; None = derived
+    example         = None,     # an example name for error messages; None = none
+):
     """Decorator: register fn(opts, spec) -> dict(results={name: value}, ...) as the metric family `family`."""
     def decorator(fn):
-        METRIC_FAMILIES[family] = fn
+        METRIC_FAMILIES[family] = MetricFamily(fn=fn, pattern=DEFAULT_FORM if pattern is None else pattern,
+                                               default_count=default_count, detector_kind=detector_kind, form=form,
+                                               example=example)
         return fn
     return decorator
 
 
+def valid_forms():
+    """The metric-name forms for error messages, e.g. 'fid<N>[k][_full][_taxon], ... (e.g. fid50k_full, ...)'."""
+    suffixes = detector_kind_suffixes()
+    optional = ''.join(f'[{suffix}]' for suffix in suffixes.values())
+    forms = [entry.form or f'{family}<N>[k][_full]{optional}' for family, entry in METRIC_FAMILIES.items()]
+    examples = list(EXAMPLES) + [f'kid5k_full{suffix}' for suffix in suffixes.values()]
+    examples += [entry.example for entry in METRIC_FAMILIES.values() if entry.example]
+    return f'{", ".join(forms)} (e.g. {", ".join(examples)})'
+
+
+def _match_family(name):
+    """(family, match of the family's pattern, detector kind of the suffix or None) for a metric name, or None."""
+    endings = [(kind, suffix) for kind, suffix in detector_kind_suffixes().items() if suffix and name.endswith(suffix)]
+    for kind, suffix in endings + [(None, '')]:
+        stem = name[:len(name) - len(suffix)]
+        for family, entry in METRIC_FAMILIES.items():
+            if not stem.startswith(family) or entry.detector_kind not in (None, kind):
+                continue
+            match = re.fullmatch(entry.pattern, stem[len(family):])
+            if match is not None:
+                return family, match, kind
+    return None
+
+
 def parse_metric_name(name):
-    """'fid2k_full_taxon' -> MetricSpec(name, 'fid', 2000, True, True); MetricError listing the valid forms."""
-    match = re.fullmatch(r'(fid|kid)(\d+)(k?)(_full)?(_taxon)?', name) or re.fullmatch(r'(acc)(?:(\d+)(k?))?()(_taxon)', name)
-    if match is None or match.group(1) not in METRIC_FAMILIES:
-        raise MetricError(f'unknown metric {name!r}; valid forms: {VALID_FORMS}')
-    family, digits, kilo, full, taxon = match.groups()
-    count = DEFAULT_ACC_COUNT if digits is None else int(digits) * (1000 if kilo else 1)
+    """'fid2k_full' -> MetricSpec(name, 'fid', 2000, True, None) ('fid2k_full_taxon' -> ..., 'taxon' with taxogan_ext's
+    detector kind); MetricError listing the valid forms."""
+    found = _match_family(name)
+    if found is None:
+        raise MetricError(f'unknown metric {name!r}; valid forms: {valid_forms()}')
+    family, match, kind = found
+    groups = match.groupdict()
+    digits = groups.get('count')
+    if digits is None and METRIC_FAMILIES[family].default_count is None:
+        raise MetricError(f'unknown metric {name!r}; valid forms: {valid_forms()}')
+    count = METRIC_FAMILIES[family].default_count if digits is None else int(digits) * (1000 if groups.get('kilo') else 1)
     if count < 1:
-        raise MetricError(f'metric {name!r}: the image count must be at least 1; valid forms: {VALID_FORMS}')
-    return MetricSpec(name=name, family=family, count=count, full=bool(full), taxon=bool(taxon))
+        raise MetricError(f'metric {name!r}: the image count must be at least 1; valid forms: {valid_forms()}')
+    return MetricSpec(name=name, family=family, count=count, full=bool(groups.get('full')), detector_kind=kind)
 
 
 def is_valid_metric(name):
@@ -68,29 +109,29 @@ def select_detector(
     cache_dir   = None, # cache folder for the Inception download; None = the default
     progress    = True, # progress bar when downloading
 ):
-    """(Detector, result name): _taxon metrics take the taxon detector; others take a non-taxon one if given,
-    else the taxon one with '_taxon' added to the name."""
+    """(Detector, result name): a name with a kind's suffix takes a detector of that kind; others take one without a
+    suffix if given, else the first one with the detector's suffix added to the name."""
     choices = list(detector) if isinstance(detector, (list, tuple)) else [detector]
     if not choices:
         raise MetricError('no detector given')
     resolved = [resolve_detector(d, cache_dir=cache_dir, progress=progress) for d in choices]
-    taxon = [d for d in resolved if d.is_taxon]
-    other = [d for d in resolved if not d.is_taxon]
-    if spec.taxon:
-        if not taxon:
-            raise MetricError(f'metric {spec.name} needs the taxon detector; pass --detector taxon:PATH '
-                              f'(train one with: calc_metrics.py train-detector)')
-        return taxon[0], spec.name
-    if other:
-        return other[0], spec.name
-    return taxon[0], spec.name + '_taxon'
+    if spec.detector_kind is not None:
+        of_kind = [d for d in resolved if d.kind == spec.detector_kind]
+        if not of_kind:
+            raise MetricError(f'metric {spec.name} needs the {spec.detector_kind} detector; pass '
+                              f'{detector_request(spec.detector_kind)}')
+        return of_kind[0], spec.name
+    plain = [d for d in resolved if not d.suffix]
+    if plain:
+        return plain[0], spec.name
+    return resolved[0], spec.name + resolved[0].suffix
 
 
 def calc_metric(
-    metric,                 # metric name, e.g. 'fid50k_full', 'kid2k', 'fid50k_full_taxon', 'acc_taxon'
+    metric,                 # metric name, e.g. 'fid50k_full', 'kid2k' (+ a registered detector kind's suffix)
     G,                      # generator (G_ema); G(z, c, truncation_psi, noise_mode) -> [N, C, H, W] in [-1, 1]
     dataset_kwargs,         # ImageFolderDataset kwargs of the real images (a pickle's training_set_kwargs)
-    detector    = 'inception', # 'inception', 'taxon:PATH', a TorchScript PATH, a Detector, or a list of them
+    detector    = 'inception', # 'inception', KIND:PATH, a TorchScript PATH, a Detector, or a list of them
     num_gpus    = 1,        # processes sharing the work (torch.distributed must be initialised when > 1)
     rank        = 0,        # this process's rank
     device      = None,     # torch device; None = cuda when available, else cpu
@@ -98,20 +139,18 @@ def calc_metric(
     cache_dir   = None,     # detector and real-feature cache; None = $TAXOGAN_CACHE or ~/.cache/taxogan
     batch_size  = 64,       # images per detector call
     seed        = 0,        # seed of latents, labels, noise and KID subsets: the same inputs give the same value
-    taxon       = None,     # acc_taxon of an unconditional G: its taxon; None = from the dataset's manifest entry
+    **family_kwargs,        # options of extension families (MetricOptions.family_kwargs), e.g. taxogan_ext's taxon=NAME
 ):
     """Compute one metric; returns dict(results={name: value}, metric, total_time, num_gpus, detector, ...)."""
     spec = parse_metric_name(metric)
     chosen, name = select_detector(spec, detector, cache_dir=cache_dir, progress=progress and rank == 0)
-    spec = spec._replace(name=name, taxon=chosen.is_taxon)
+    spec = spec._replace(name=name, detector_kind=chosen.kind if chosen.suffix else None)
     opts = metric_utils.MetricOptions(G=G, dataset_kwargs=dataset_kwargs, detector=chosen, num_gpus=num_gpus, rank=rank,
                                       device=device, progress=progress, cache_dir=cache_dir, batch_size=batch_size,
-                                      seed=seed, taxon=taxon)
+                                      seed=seed, family_kwargs=family_kwargs)
     start = time.time()
     try:
-        out = METRIC_FAMILIES[spec.family](opts, spec)
-    except taxa.TaxonError as exc:
-        raise MetricError(f'{name}: {exc}') from None
+        out = METRIC_FAMILIES[spec.family].fn(opts, spec)
     except ValueError as exc:
         raise MetricError(f'{name}: {exc}') from None
     total_time = time.time() - start
@@ -165,81 +204,3 @@ def _kid(opts, spec):
         value = kernel_inception_distance(real.get_all(), gen.get_all(), num_subsets=KID_NUM_SUBSETS,
                                           max_subset_size=KID_MAX_SUBSET_SIZE, seed=opts.seed)
     return dict(results={spec.name: value}, num_real=real.num_items, num_gen=gen.num_items)
-
-
-@register_metric('acc')
-def _acc(opts, spec):
-    detector = opts.detector
-    dataset = opts.dataset()
-    class_names = detector.class_names
-    targets, gen_taxa = taxa.generator_targets(dataset.path, dataset.label_names, opts.G.c_dim, class_names, opts.taxon)
-    rows = metric_utils.map_generator(opts, dataset, spec.count,
-                                      lambda images, classes: np.stack([detector.predict(images, opts.device), classes], axis=1),
-                                      dtype=np.int64)
-    predicted, gen_class = rows[:, 0], rows[:, 1]
-    target = targets[gen_class if opts.G.c_dim else np.zeros_like(gen_class)]
-    valid = target >= 0
-    if not valid.any():
-        raise ValueError('no generated image belongs to a class of the taxon detector')
-    per_taxon = {}
-    for k, name in enumerate(gen_taxa):
-        mask = valid & ((gen_class == k) if opts.G.c_dim else True)
-        if name is not None and mask.any():
-            per_taxon[name] = float((predicted[mask] == target[mask]).mean())
-    value = float((predicted[valid] == target[valid]).mean())
-    return dict(results={spec.name: value}, num_gen=int(valid.sum()), per_taxon=per_taxon,
-                classifier_heldout_accuracy=detector.metadata.get('heldout_accuracy'))
-
-
-#----------------------------------------------------------------------------
-# acc_taxon of real images: the taxon detector on its own held-out split.
-
-def calc_taxon_accuracy_on_reals(
-    detector,               # taxon detector: 'taxon:PATH', a path, or a Detector
-    data        = None,     # the datasets folder (or manifest / labelled dataset) it was trained on; None = as recorded
-    device      = None,     # torch device; None = cuda when available, else cpu
-    batch_size  = 64,       # images per detector call
-    progress    = True,     # tqdm progress bar
-):
-    """acc_taxon of the held-out real images through the metric path (files -> uint8 -> detector); equals the
-    classifier's held-out accuracy. Returns dict(acc_taxon, per_taxon, num_images, heldout_accuracy)."""
-    det = resolve_detector(detector)
-    if not det.is_taxon:
-        raise MetricError(f'{det.spec}: not a taxon detector')
-    meta = det.metadata
-    device = torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if data is None:
-        root = meta['data_root']
-    elif os.path.isdir(data) and os.path.isfile(os.path.join(data, taxa.MANIFEST_FILE)):
-        root = os.path.abspath(data)
-    else:
-        root = os.path.dirname(os.path.abspath(os.path.normpath(data)))
-    by_file = collections.OrderedDict()
-    for file, fname, cls in meta['heldout']:
-        by_file.setdefault(file, []).append((fname, int(cls)))
-    predicted, truth = [], []
-    with tqdm.tqdm(total=len(meta['heldout']), desc='held-out reals', unit='img', disable=not progress) as bar:
-        for file, items in by_file.items():
-            path = os.path.join(root, file)
-            try:
-                dataset = ImageFolderDataset(path, cache=False)
-            except DatasetError as exc:
-                raise MetricError(str(exc)) from None
-            index = {f: i for i, f in enumerate(dataset.image_fnames)}
-            missing = [f for f, _ in items if f not in index]
-            if missing:
-                raise MetricError(f'{path}: held-out image {missing[0]} of the taxon detector is not in the dataset')
-            for start in range(0, len(items), batch_size):
-                chunk = items[start:start + batch_size]
-                images = torch.from_numpy(np.stack([dataset[index[f]][0] for f, _ in chunk]))
-                predicted.append(det.predict(images, device))
-                truth.append(np.array([c for _, c in chunk], dtype=np.int64))
-                bar.update(len(chunk))
-            dataset.close()
-    if not predicted:
-        raise MetricError(f'{det.path}: the taxon detector has no held-out images')
-    predicted, truth = np.concatenate(predicted), np.concatenate(truth)
-    names = meta['class_names']
-    per_taxon = {names[k]: float((predicted[truth == k] == k).mean()) for k in range(len(names)) if (truth == k).any()}
-    return dict(acc_taxon=float((predicted == truth).mean()), per_taxon=per_taxon, num_images=int(len(truth)),
-                heldout_accuracy=meta['heldout_accuracy'])

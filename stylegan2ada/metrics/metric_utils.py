@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import tqdm
 
 from ..dataset import ImageFolderDataset
@@ -34,7 +35,7 @@ class MetricOptions:
         cache_dir       = None,     # folder of the real-feature cache; None = $TAXOGAN_CACHE or ~/.cache/taxogan
         batch_size      = 64,       # images per detector call
         seed            = 0,        # seed of latents, labels, noise and KID subsets
-        taxon           = None,     # taxon of an unconditional generator for acc_taxon; None = from the manifest
+        family_kwargs   = None,     # options of extension metric families (see calc_metric), by name; None = none
     ):
         if num_gpus < 1 or not 0 <= rank < num_gpus:
             raise ValueError(f'rank {rank} is not in [0, {num_gpus})')
@@ -48,7 +49,7 @@ class MetricOptions:
         self.cache_dir = default_cache_dir(cache_dir)
         self.batch_size = batch_size
         self.seed = seed
-        self.taxon = taxon
+        self.family_kwargs = dict(family_kwargs or {})
         self._datasets = {}
 
     def dataset(self, **overrides):
@@ -135,7 +136,6 @@ def _broadcast_flag(flag, opts):
     """Rank 0's boolean, on every rank."""
     if opts.num_gpus == 1:
         return flag
-    import torch.distributed as dist
     value = torch.tensor([1 if flag else 0], dtype=torch.int64, device=collective_device())
     dist.broadcast(value, src=0)
     return bool(value.item())
@@ -147,7 +147,6 @@ def _gather_rows(parts, batches, opts, dtype):
     local = [parts[b] for b in own]
     if opts.num_gpus == 1:
         return np.concatenate(local) if local else np.zeros([0, 0], dtype)
-    import torch.distributed as dist
     device = collective_device()
     local = np.concatenate(local).astype(dtype) if local else None
     width = torch.tensor([0 if local is None else local.shape[1]], dtype=torch.int64, device=device)
@@ -173,6 +172,19 @@ def _gather_rows(parts, batches, opts, dtype):
 #----------------------------------------------------------------------------
 # Running a function over images.
 
+def _map_batches(opts, num_items, rows, dtype, desc):
+    """rows(batch index, start, stop) -> numpy rows, over this rank's batches of num_items; all rows, in order, on every rank."""
+    batches = _batches(num_items, opts.batch_size)
+    parts = {}
+    own = _own_batches(batches, opts)
+    with tqdm.tqdm(total=sum(batches[b][1] - batches[b][0] for b in own), desc=desc, unit='img', disable=not opts.progress) as bar:
+        for b in own:
+            start, stop = batches[b]
+            parts[b] = np.asarray(rows(b, start, stop), dtype=dtype)
+            bar.update(stop - start)
+    return _gather_rows(parts, batches, opts, dtype)
+
+
 def map_dataset(
     opts,           # MetricOptions
     dataset,        # ImageFolderDataset
@@ -182,16 +194,10 @@ def map_dataset(
     desc            = 'real images',# progress bar label
 ):
     """fn over the first num_items dataset images, split across ranks; rows [num_items, D] on every rank."""
-    batches = _batches(num_items, opts.batch_size)
-    parts = {}
-    own = _own_batches(batches, opts)
-    with tqdm.tqdm(total=sum(batches[b][1] - batches[b][0] for b in own), desc=desc, unit='img', disable=not opts.progress) as bar:
-        for b in own:
-            start, stop = batches[b]
-            images = torch.from_numpy(np.stack([dataset[i][0] for i in range(start, stop)]))   # [B, C, H, W]
-            parts[b] = np.asarray(fn(images.to(opts.device)), dtype=dtype)
-            bar.update(stop - start)
-    return _gather_rows(parts, batches, opts, dtype)
+    def rows(_batch_index, start, stop):
+        images = torch.from_numpy(np.stack([dataset[i][0] for i in range(start, stop)]))   # [B, C, H, W]
+        return fn(images.to(opts.device))
+    return _map_batches(opts, num_items, rows, dtype, desc)
 
 
 def batch_seed(seed, batch_index):
@@ -244,16 +250,9 @@ def map_generator(
 ):
     """fn over num_gen generated images (seeded per batch), split across ranks; rows [num_gen, D] on every rank."""
     check_generator(opts.G, dataset)
-    batches = _batches(num_gen, opts.batch_size)
-    parts = {}
-    own = _own_batches(batches, opts)
-    with tqdm.tqdm(total=sum(batches[b][1] - batches[b][0] for b in own), desc=desc, unit='img', disable=not opts.progress) as bar:
-        for b in own:
-            start, stop = batches[b]
-            images, classes = generate_batch(opts.G, dataset, stop - start, batch_seed(opts.seed, b), opts.device)
-            parts[b] = np.asarray(fn(images, classes), dtype=dtype)
-            bar.update(stop - start)
-    return _gather_rows(parts, batches, opts, dtype)
+    def rows(batch_index, start, stop):
+        return fn(*generate_batch(opts.G, dataset, stop - start, batch_seed(opts.seed, batch_index), opts.device))
+    return _map_batches(opts, num_gen, rows, dtype, desc)
 
 
 #----------------------------------------------------------------------------
