@@ -11,9 +11,10 @@ from stylegan2ada import cli
 from stylegan2ada.dataset import ImageFolderDataset
 from stylegan2ada.metrics import metric_main
 from stylegan2ada.pickles import NetworkPickleError, evaluation_network, load_network_pkl
-from stylegan2ada.util import UserError
+from stylegan2ada.util import UserError, sha256_file
 import taxogan_ext.dcgan  # noqa: F401  registers the DCGAN baseline's classes for pickles
 from taxogan_ext import taxon_metrics  # registers the 'taxon' detector kind and the acc_taxon metric
+from taxogan_ext import utility
 from taxogan_ext.taxon_detector import train_taxon_classifier
 
 
@@ -209,6 +210,79 @@ def eval_detector(**kwargs):
         click.echo(f'acc_taxon {name}: {acc:.4f}')
     click.echo(f'acc_taxon (all {result["num_images"]} held-out images): {result["acc_taxon"]:.4f}; '
                f'recorded held-out accuracy: {result["heldout_accuracy"]:.4f}')
+
+
+def parse_generator(text):
+    """'TAXON=PKL' or 'TAXON=PKL@CLASS' -> (taxon, pkl, class or None); UserError naming the problem."""
+    taxon, sep, rest = text.partition('=')
+    pkl, at, label = rest.rpartition('@') if '@' in rest else (rest, '', '')
+    if not sep or not taxon.strip() or not pkl:
+        raise UserError(f'--generator {text}: expected TAXON=PKL or TAXON=PKL@CLASS')
+    if at and not label.isdigit():
+        raise UserError(f'--generator {text}: the class after @ must be a class index')
+    if not os.path.isfile(pkl):
+        raise UserError(f'--generator {text}: {pkl}: no such network pickle')
+    return taxon.strip(), pkl, int(label) if at else None
+
+
+def generator_source(taxon, pkl, label):
+    """The GeneratorSource of one --generator; a conditional network needs its class (PKL@CLASS)."""
+    G, _ = load_generator(pkl)
+    if G.c_dim and label is None:
+        raise UserError(f'--generator {taxon}={pkl}: a conditional network; name the class of {taxon}: {taxon}={pkl}@CLASS')
+    if label is not None and not (G.c_dim and 0 <= label < G.c_dim):
+        raise UserError(f'--generator {taxon}={pkl}@{label}: the network has {G.c_dim} classes')
+    return utility.GeneratorSource(G=copy.deepcopy(G).eval().requires_grad_(False), label=label, identity=sha256_file(pkl))
+
+
+@main.command('utility')
+# Main options.
+@click.option('--datasets',               help='A held-out split (train_hier.py --holdout writes OUTDIR/_holdout)', metavar='DIR', type=str, required=True)
+@click.option('--generator', 'generators', help='One network per taxon (repeat); @CLASS picks the class of a conditional one', metavar='TAXON=PKL[@CLASS]', type=str, multiple=True, required=True)
+@click.option('--metrics',                help='Comma list of cas[<N>[k]]_taxon, gain[<N>[k]]_taxon', metavar='LIST', type=str, default='cas_taxon,gain_taxon', show_default=True)
+# Hyperparameters.
+@utility.click_options()
+# Performance-related.
+@click.option('--device',                 help='Device to run on', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
+# I/O-related.
+@click.option('--cache', 'cache_dir',     help='Result cache  [default: $TAXOGAN_CACHE or ~/.cache/taxogan]', metavar='DIR', type=str, default=None)
+@click.option('--run-dir',                help='Also append the results to DIR/utility.jsonl', metavar='DIR', type=str, default=None)
+@click.option('--quiet',                  help='No progress bars', is_flag=True)
+def utility_command(**kwargs):
+    """Do the generated images help a classifier? CAS and augmentation gain on held-out real images.
+
+    \b
+    Example:
+    python calc_metrics.py utility --datasets runs/table3/_holdout --metrics cas_taxon,gain_taxon \\
+        --generator Calanoida=runs/table3/Copepoda__Calanoida/network-snapshot-000005.pkl \\
+        --generator Cyclopoida=runs/table3/Copepoda__Cyclopoida/network-snapshot-000005.pkl
+    """
+    opts = dict(kwargs)
+    metrics = _parse_list(opts['metrics'])
+    if not metrics:
+        raise click.ClickException('--metrics is empty')
+    for name in metrics:
+        if utility.parse_utility_metric(name) is None:
+            raise click.ClickException(f'--metrics: unknown utility metric {name!r}; valid forms: {utility.FORMS}')
+    parsed = [parse_generator(text) for text in opts['generators']]
+    taxa = [taxon for taxon, _, _ in parsed]
+    if len(set(taxa)) != len(taxa):
+        raise click.ClickException(f'--generator names a taxon twice: {", ".join(taxa)}')
+    holdout = utility.load_holdout(opts['datasets'])
+    device = cli.pick_device(opts['device'])
+    evaluator = utility.UtilityEvaluator(holdout, taxa, utility.options_from(opts), device=device, progress=not opts['quiet'])
+    sources = {taxon: generator_source(taxon, pkl, label) for taxon, pkl, label in parsed}
+    results = utility.calc_utility(evaluator, metrics, sources, cache_dir=opts['cache_dir'])
+    for name, result in results.items():
+        click.echo(utility.format_result(result) + (' (cached)' if result['cached'] else ''))
+        click.echo('  per taxon: ' + ', '.join(f'{t} {v[0]:.3f}' for t, v in result['per_taxon'].items()))
+        if opts['run_dir']:
+            os.makedirs(opts['run_dir'], exist_ok=True)
+            utility.append_utility_record(os.path.join(opts['run_dir'], utility.UTILITY_FILE), dict(
+                result, format=utility.UTILITY_FORMAT, method='calc_metrics', targets=taxa,
+                pkls={t: pkl for t, pkl, _ in parsed}, labels={t: label for t, _, label in parsed},
+                generator_sha256={t: sources[t].identity for t in taxa}, datasets=str(holdout.manifest.root),
+                heldout_fraction=holdout.record['fraction'], heldout_seed=holdout.record['seed']))
 
 
 if __name__ == '__main__':

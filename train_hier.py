@@ -14,9 +14,10 @@ from stylegan2ada.metrics.detectors import resolve_detector
 from stylegan2ada.pickles import load_network_pkl
 from stylegan2ada.training_loop import TrainingDivergedError, TrainingInterrupted
 from stylegan2ada.util import UserError
-from taxogan_ext import hierarchy, report, taxonomy, training
+from taxogan_ext import hierarchy, report, taxonomy, training, utility
 
 # train.py options the plan sets per stage, or replaces with its own: every other one is passed to all stages.
+HOLDOUT_DIR = '_holdout'     # OUTDIR/_holdout: the training-only datasets of --holdout, heldout.zip, heldout.json
 PLAN_OWNED = ('outdir', 'run_dir', 'data', 'kimg', 'resume', 'resume_mode', 'cond', 'dry_run', 'metrics')
 
 
@@ -102,11 +103,15 @@ def continue_hint():
 @click.option('--resume',       help='Start the plan from this pickle (ours or NVIDIA\'s) instead of from scratch', metavar='PKL', type=str, default=None)
 @click.option('--ema-kimg',     help='Half-life of G_ema in every stage  [default: from --cfg]; short runs need one shorter than their kimg', metavar='KIMG', type=click.FloatRange(min=0), default=None)
 # Evaluation and I/O.
-@click.option('--metrics',      help='Metrics of each stage\'s final network (comma list, or none: train without evaluating)', metavar='LIST', type=str, default='fid50k_full,kid50k_full', show_default=True)
+@click.option('--metrics',      help='Metrics of each stage\'s final network, and cas_taxon / gain_taxon of each method\'s networks together (comma list, or none: train without evaluating)', metavar='LIST', type=str, default='fid50k_full,kid50k_full', show_default=True)
 @click.option('--snap-metrics', help='Metrics at every snapshot during training (train.py --metrics)', metavar='LIST', type=str, default='none', show_default=True)
 @click.option('--cache',        help='Detector and real-feature cache  [default: $TAXOGAN_CACHE or ~/.cache/taxogan]', metavar='DIR', type=str, default=None)
+@click.option('--holdout',      help='Hold this share of each taxon\'s real images out of every training zip (for cas_taxon, gain_taxon)', metavar='FRACTION', type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=None)
+@click.option('--holdout-seed', help='Seed of the held-out split', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--report/--no-report', help='Write table.md, table.csv, grids and curves at the end', default=True, show_default=True)
 @click.option('--quiet',        help='No progress bars', is_flag=True)
+# The classifiers of the utility metrics (cas_taxon, gain_taxon).
+@utility.click_options()
 # Training options of every stage (train.py's; see python train.py --help).
 @training.click_options(exclude=PLAN_OWNED)
 def main(**kwargs):
@@ -121,6 +126,9 @@ def main(**kwargs):
     python train_hier.py --datasets datasets --method all --parent Copepoda --outdir runs/copepoda --dry-run
     # Fine-tune a pickle on one order:
     python train_hier.py --datasets datasets --resume calanoida.pkl --targets Cyclopoida --outdir runs/ft
+    # Do the generated images help a classifier? (Table 3: 20 % of the real images held out of all training)
+    python train_hier.py --datasets datasets --method direct,lateral,descending --parent Copepoda --outdir runs/table3 \\
+        --holdout 0.2 --metrics cas_taxon,gain_taxon
     An interrupted run continues where it stopped when the same command is run again.
     """
     opts = dict(kwargs)
@@ -134,8 +142,31 @@ def main(**kwargs):
              overrides={} if opts['ema_kimg'] is None else dict(ema_kimg=opts['ema_kimg']),
              metrics=hierarchy.parse_metrics(opts['metrics']), detector=opts['detector'], cache=opts['cache'],
              device=opts['device'], train_options=train_opts, report=opts['report'], progress=not opts['quiet'],
-             dry_run=opts['dry_run'])
+             dry_run=opts['dry_run'], holdout=opts['holdout'], holdout_seed=opts['holdout_seed'],
+             utility=utility.options_from(opts))
     run(c)
+
+
+def split_metrics(names):
+    """(metrics of each stage, utility metrics of each method's networks); MetricError / UtilityError for a bad name."""
+    stage_metrics = [name for name in names if not utility.is_utility_metric(name)]
+    method_metrics = [name for name in names if utility.is_utility_metric(name)]
+    for name in stage_metrics:
+        metric_main.parse_metric_name(name)                 # MetricError lists the valid forms
+    for name in method_metrics:
+        utility.parse_utility_metric(name)
+    return stage_metrics, method_metrics
+
+
+def plan_datasets(c):
+    """The datasets folder the plan trains on: --datasets, or its held-out split under OUTDIR (written unless a dry run)."""
+    if c.get('holdout') is None:
+        return c['datasets']
+    dest = os.path.join(c['outdir'], HOLDOUT_DIR)
+    if c['dry_run']:
+        return dest if os.path.isfile(os.path.join(dest, utility.HOLDOUT_FILE)) else c['datasets']
+    utility.write_holdout_split(c['datasets'], dest, c['holdout'], c.get('holdout_seed', 0), log=click.echo)
+    return dest
 
 
 def run(c):
@@ -144,26 +175,28 @@ def run(c):
         # Stages run one after another in one driver; its bookkeeping is not shared between torchrun processes.
         raise hierarchy.PlanError('train_hier.py does not run under torchrun: use --gpus N on one machine, or train.py '
                                   'under torchrun for one stage at a time (see python train_hier.py --dry-run for the stages)')
-    for name in c['metrics'] + hierarchy.parse_list(c['train_options'].get('metrics')):
-        metric_main.parse_metric_name(name)                 # MetricError lists the valid forms
+    stage_metrics, method_metrics = split_metrics(c['metrics'])
+    for name in hierarchy.parse_list(c['train_options'].get('metrics')):
+        metric_main.parse_metric_name(name)
     if c['resume'] is not None and not os.path.isfile(c['resume']):
         raise hierarchy.PlanError(f'--resume {c["resume"]}: no such file')
-    manifest = taxonomy.load_manifest(c['datasets'])
+    manifest = taxonomy.load_manifest(plan_datasets(c))
     plan = hierarchy.build_plan(manifest, c['outdir'], c['method'], targets=c['targets'], parent=c['parent'], donor=c['donor'],
                                 depth=c['depth'], resume_pkl=c['resume'], kimg_parent=c['kimg_parent'], kimg_child=c['kimg_child'],
                                 train_options=c['train_options'], overrides=c['overrides'], cond_finetune=c['cond_finetune'])
     if c['dry_run']:
         records = hierarchy.read_results(os.path.join(c['outdir'], hierarchy.RESULTS_FILE))
-        states = hierarchy.plan_states(plan, records, c['metrics'], c['detector'])
+        states = hierarchy.plan_states(plan, records, stage_metrics, c['detector'])
         click.echo(hierarchy.format_plan(plan, states))
         return
+    holdout = utility.load_holdout(manifest.root) if method_metrics else None
 
     # Fail now rather than after hours of training: every stage's data and options, and the detector.
     for stage in plan.stages:
         if stage.derived is not None:
             hierarchy.write_derived_zip(stage.derived)
         stage_config(stage, os.path.join(c['outdir'], stage.key), hierarchy.stage_start_pkl(stage, c['outdir'], final=False))
-    if c['metrics'] or hierarchy.parse_list(c['train_options'].get('metrics')):
+    if stage_metrics or hierarchy.parse_list(c['train_options'].get('metrics')):
         _ = resolve_detector(c['detector'], cache_dir=c['cache']).id   # finds (or downloads) and hashes it now
 
     device = cli.pick_device(c['device'])
@@ -172,8 +205,11 @@ def run(c):
     # a snapshot; finished stages are kept, and the same command continues.
     try:
         with cli.stop_signals():
-            hierarchy.run_plan(plan, manifest, train_stage, c['metrics'], c['detector'], evaluate_fn=evaluate, log=click.echo,
+            hierarchy.run_plan(plan, manifest, train_stage, stage_metrics, c['detector'], evaluate_fn=evaluate, log=click.echo,
                                progress=c['progress'])
+            if method_metrics:
+                utility.evaluate_plan(plan, holdout, method_metrics, c.get('utility') or utility.UtilityOptions(),
+                                      device=device, cache_dir=c['cache'], progress=c['progress'], log=click.echo)
     except KeyboardInterrupt:
         raise training.RunStopped(f'interrupted outside training (finished stages and evaluations are kept); '
                                   f'{continue_hint()}') from None

@@ -3,12 +3,15 @@
 - `Command` / `Group` (click classes): a `UserError` raised anywhere below a command prints as one line
   (`Error: <message>`) and exits with status 1; any other exception keeps its traceback, since it is a bug.
 - `pick_device`: 'auto', 'cpu', 'cuda' or 'cuda:N' -> torch.device, or a UserError naming the option.
+- `option_field` / `dataclass_options`: options declared once, as dataclass fields carrying their click help, type and
+  metavar, and added to any number of commands.
 - `stop_signals`: the one handler of SIGINT and SIGTERM. Ctrl-C, timeout, scancel, preemption and docker stop signal
   every process of a job; a training process either stops at once (KeyboardInterrupt: the loop writes its final
   snapshot) or, as one of several processes that must stop together, only notes the request.
 """
 
 import contextlib
+import dataclasses
 import os
 import signal
 import threading
@@ -19,6 +22,58 @@ import torch
 from .util import UserError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def option_field(
+    default     = None,     # value when not given, written as on the command line (`type` converts it); None = unset
+    help        = '',       # --help text
+    type        = None,     # click type (str, range or choice); None = a flag (False unless given)
+    metavar     = None,     # placeholder in --help; None = click's (the choices, for a choice)
+    required    = False,    # the command refuses to run without it
+):
+    """A dataclass field that is also a command-line option: its default, and what click needs to offer it."""
+    return dataclasses.field(default=False if type is None else default,
+                             metadata=dict(help=help, type=type, metavar=metavar, required=required))
+
+
+def _click_option(field):
+    """The click option of one option_field."""
+    meta = field.metadata
+    kwargs = dict(help=meta['help'])
+    if meta['metavar'] is not None:
+        kwargs['metavar'] = meta['metavar']
+    if meta['type'] is None:
+        kwargs['is_flag'] = True
+    else:
+        kwargs['type'] = meta['type']
+    if meta['required']:
+        kwargs['required'] = True
+    if field.default is not None and meta['type'] is not None:
+        kwargs.update(default=field.default, show_default=True)
+    return click.option('--' + field.name.replace('_', '-'), **kwargs)
+
+
+def dataclass_options(
+    cls,                # dataclass whose option_field fields become --options ('_' -> '-')
+    exclude = (),       # field names the command does not offer (it sets them itself)
+):
+    """Decorator adding a dataclass's option fields to a click command, in declaration (--help) order."""
+    fields = [f for f in dataclasses.fields(cls) if 'help' in f.metadata and f.name not in exclude]
+
+    def add(fn):
+        # click lists options in the reverse order of their decorators' application: the last field goes on first.
+        for field in reversed(fields):
+            fn = _click_option(field)(fn)
+        return fn
+    return add
+
+
+def typed_values(obj):
+    """Convert a dataclass's option values as click would (4 -> 4.0 for a float option); call in __post_init__."""
+    for field in dataclasses.fields(obj):
+        value, click_type = getattr(obj, field.name), field.metadata.get('type')
+        if value is not None and click_type is not None:
+            object.__setattr__(obj, field.name, click_type(value))     # frozen dataclasses too
 
 
 class Command(click.Command):

@@ -575,6 +575,35 @@ def stage_start_sha256(stage: Stage, outdir) -> str | None:
         return sha256_file(stage.start)
     return final_sha256(outdir, stage.start)
 
+@dataclasses.dataclass(frozen=True)
+class RowGenerator:
+    """The network that answers one (method, target) row: a stage's final pickle, and the target's class in it."""
+    stage:      str                     # stage key
+    pkl:        str                     # its final pickle
+    sha256:     str                     # the pickle's hash
+    label:      int | None              # class of the target in a conditional network; None = unconditional
+
+def row_generators(plan: Plan, outdir) -> dict[str, dict[str, RowGenerator]]:
+    """{row method: {target: RowGenerator}} of the rows whose stage is trained. A lateral row whose target is the donor
+    takes the donor's own stage (the network the method would use for that taxon); rows still untrained are left out."""
+    out = {}
+    for row in plan.rows:
+        key = row.stage
+        if key is None:
+            key = next((s.key for s in plan.stages if s.taxon == row.target and s.start_kind != 'stage' and not s.cond), None)
+        sha = final_sha256(outdir, key) if key is not None else None
+        if sha is None:
+            continue
+        stage = plan.stage(key)
+        folder = Path(outdir) / key
+        label = None
+        if stage.cond:
+            ev = next(ev for ev in stage.evaluations if ev.taxon == row.target)
+            label = ev.derived.label
+        out.setdefault(row.method, {})[row.target] = RowGenerator(
+            stage=key, pkl=str(folder / read_json(folder / STAGE_FILE)['final_pkl']), sha256=sha, label=label)
+    return out
+
 def plan_states(plan: Plan, records, metrics, detector, read_progress=True, detector_id=None) -> dict[str, StageState]:
     """StageState of every stage, in plan order, as the dry run shows them (detector_id: detector_identity's, if known)."""
     states = {}

@@ -29,7 +29,7 @@ from stylegan2ada.image_utils import generate_images, save_png_atomic
 from stylegan2ada.pickles import evaluation_network, load_network_pkl
 from stylegan2ada.util import UserError, write_text_atomic
 from taxogan_ext import dcgan  # noqa: F401  (registers the DCGAN baseline's classes for its pickles)
-from taxogan_ext import hierarchy
+from taxogan_ext import hierarchy, utility
 from taxogan_ext.taxonomy import ManifestError, load_manifest
 
 #----------------------------------------------------------------------------
@@ -56,6 +56,8 @@ METHOD_ORDER = ('direct', 'lateral', 'descending', 'finetune', 'conditional', 'c
 GRID_FILE = 'grid-{}.png'
 OVERVIEW_FILE = 'overview.png'
 CURVES_FILE = 'curves.png'
+GAIN_FILE = 'gain.png'
+BALANCED = 'balanced mean'
 
 #----------------------------------------------------------------------------
 
@@ -203,8 +205,9 @@ def _provenance(records) -> str:
     return (f'Evaluated {span}'
             + f' on {", ".join(hosts) or "?"}; training time of these stages {train / 60:.1f} min.')
 
-def hier_markdown(records, title='Results') -> str:
-    """The experiment's table in Markdown: a row per taxon, a column per method (+ the paper's where it has one)."""
+def hier_markdown(records, title='Results', utility_records=()) -> str:
+    """The experiment's table in Markdown: a row per taxon, a column per method (+ the paper's where it has one), and
+    the utility measures when they were computed."""
     t = hier_table(records)
     header = ['taxon', 'images']
     for key in t['columns']:
@@ -232,19 +235,23 @@ def hier_markdown(records, title='Results') -> str:
     unevaluated = [r for r in records if not r.get('metrics')]
     if unevaluated:
         # Trained with --metrics none: say which network each cell stands for, so that it can be evaluated later.
-        lines += ['', 'Not evaluated (--metrics none): the stages and their final snapshots.', '',
+        lines += ['', 'Not evaluated (no per-stage metrics asked for): the stages and their final snapshots.', '',
                   '| stage | chain | kimg | snapshot |', '|---|---|---|---|']
         for r in sorted(unevaluated, key=lambda r: r['stage']):
             lines.append(f'| {r["stage"]} | {chain_label(r)} | {r.get("kimg", 0):g} | {r.get("pkl") or "-"} |')
+    lines += utility_markdown(list(utility_records))
     lines += [''] + _detector_note(records) + ['', _provenance(records), '']
     return '\n'.join(lines)
 
 CSV_FIELDS = ('taxon', 'images', 'column', 'method', 'source', 'origin', 'stage', 'kimg', 'detector', 'fid_metric', 'fid',
-              'kid_metric', 'kid_x100', 'acc_metric', 'acc', 'paper_fid_inception', 'paper_kid_x100_inception', 'date', 'snapshot')
+              'kid_metric', 'kid_x100', 'acc_metric', 'acc', 'paper_fid_inception', 'paper_kid_x100_inception', 'date', 'snapshot',
+              'cas_metric', 'cas', 'cas_low', 'cas_high', 'gain_metric', 'gain', 'gain_low', 'gain_high')
 
-def hier_csv_rows(records) -> list[dict]:
-    """One CSV row per (taxon, column) with a result."""
+def hier_csv_rows(records, utility_records=()) -> list[dict]:
+    """One CSV row per (taxon, column) with a result, with the utility measures of its method; then a row per utility
+    value without such a cell (a lateral donor, the balanced means)."""
     t = hier_table(records)
+    extra = utility_csv_rows(list(utility_records))
     out = []
     for taxon in t['taxa']:
         for key in t['columns']:
@@ -260,8 +267,146 @@ def hier_csv_rows(records) -> list[dict]:
                             fid_metric=fid_name or '', fid=fid, kid_metric=kid_name or '',
                             kid_x100=None if kid is None else kid * 100,
                             acc_metric=acc_name or '', acc=acc, paper_fid_inception=ref[0] if ref else None,
-                            paper_kid_x100_inception=ref[1] if ref else None, date=r.get('date'), snapshot=r.get('pkl')))
+                            paper_kid_x100_inception=ref[1] if ref else None, date=r.get('date'), snapshot=r.get('pkl'),
+                            **{k: v for k, v in extra.pop((taxon, key[0]), {}).items() if k != 'stage'}))
+    for (taxon, method), values in extra.items():
+        out.append(dict(values, taxon=taxon, method=method, column=method))
     return out
+
+#----------------------------------------------------------------------------
+# Do the generated images help? (cas_taxon, gain_taxon of each method's networks)
+
+def current_utility(exp_dir) -> list[dict]:
+    """The latest utility.jsonl record of each (method, metric) whose networks are still the stages' final pickles."""
+    try:
+        records = utility.read_utility_records(Path(exp_dir) / utility.UTILITY_FILE)
+    except utility.UtilityError as exc:
+        raise ReportError(str(exc)) from None
+    latest = {}
+    for record in records:
+        latest[(record.get('method'), record.get('metric'))] = record
+    return [r for r in latest.values()
+            if all(hierarchy.final_sha256(exp_dir, stage) == r.get('generator_sha256', {}).get(t)
+                   for t, stage in (r.get('stages') or {}).items())]
+
+def _methods_of(utility_records) -> list[str]:
+    methods = list(dict.fromkeys(r['method'] for r in utility_records))
+    return sorted(methods, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
+
+def _utility_of(utility_records, kind, method):
+    return next((r for r in utility_records if r['method'] == method and r['metric'].startswith(kind)), None)
+
+def _signed(value, low=None, high=None, digits=3) -> str:
+    if value is None or math.isnan(value):
+        return '-'
+    text = f'{value:+.{digits}f}'
+    if low is not None and not math.isnan(low):
+        text += f' [{low:+.{digits}f}, {high:+.{digits}f}]'
+    return text
+
+def utility_markdown(utility_records) -> list[str]:
+    """The lines of the table's section on classifier accuracy with generated images (none without records)."""
+    if not utility_records:
+        return []
+    methods = _methods_of(utility_records)
+    first = utility_records[0]
+    taxa = list(first['targets'])
+    cas = {m: _utility_of(utility_records, 'cas', m) for m in methods}
+    gain = {m: _utility_of(utility_records, 'gain', m) for m in methods}
+    base = next(r for r in utility_records)
+    header = ['taxon', 'real train / held-out', 'real-trained']
+    header += [f'CAS {m}' for m in methods if cas[m]] + [f'gain {m}' for m in methods if gain[m]]
+    opts = first.get('seeds'), first.get('num_test', {})
+    lines = ['', '## Do the generated images help a classifier?', '',
+             f'Classifiers (the taxon classifier\'s architecture, the same steps, batch and augmentation for every arm) '
+             f'tested on {sum(opts[1].values())} held-out real images that trained nothing, generators included '
+             f'({first.get("heldout_fraction", "?")} of each taxon, seed {first.get("heldout_seed", "?")}). '
+             f'Cells: held-out accuracy (per taxon; balanced mean last), mean over {opts[0]} seeds, '
+             f'[95 % t-interval] on the balanced mean. '
+             f'CAS ({", ".join(sorted({r["metric"] for r in cas.values() if r}))}): trained on generated images only. '
+             f'Gain ({", ".join(sorted({r["metric"] for r in gain.values() if r}))}): real + generated minus real only '
+             f'(paired by seed).', '',
+             '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for taxon in taxa:
+        row = [taxon, f'{base["num_train"][taxon]} / {base["num_test"][taxon]}', _fmt(base['real_per_taxon'][taxon][0])]
+        row += [_fmt(cas[m]['per_taxon'][taxon][0]) for m in methods if cas[m]]
+        row += [_signed(gain[m]['per_taxon'][taxon][0]) for m in methods if gain[m]]
+        lines.append('| ' + ' | '.join(row) + ' |')
+    real = base.get('real_accuracy', base.get('accuracy_real'))
+    real_interval = base.get('real_interval') or [float('nan')] * 2
+    row = [f'**{BALANCED}**', '', _fmt(real) + ('' if math.isnan(real_interval[0]) else
+                                               f' [{real_interval[0]:.3f}, {real_interval[1]:.3f}]')]
+    row += [_fmt(cas[m]['value']) + ('' if math.isnan(cas[m]['interval'][0]) else
+                                     f' [{cas[m]["interval"][0]:.3f}, {cas[m]["interval"][1]:.3f}]') for m in methods if cas[m]]
+    row += [_signed(gain[m]['value'], *gain[m]['interval']) for m in methods if gain[m]]
+    lines.append('| ' + ' | '.join(row) + ' |')
+    if any(gain.values()):
+        lines += ['', f'Per-taxon gains with their intervals: {GAIN_FILE}.']
+    return lines
+
+def utility_csv_rows(utility_records) -> list[dict]:
+    """CSV values of the utility measures: {(taxon or BALANCED, method): {cas_metric, cas, ..., gain_high}}."""
+    out = {}
+    for r in utility_records:
+        kind = 'cas' if r['metric'].startswith('cas') else 'gain'
+        cells = [(t, v) for t, v in r['per_taxon'].items()] + [(BALANCED, [r['value']] + list(r['interval']))]
+        for taxon, (value, low, high) in cells:
+            entry = out.setdefault((taxon, r['method']), dict(stage=(r.get('stages') or {}).get(taxon)))
+            entry.update({f'{kind}_metric': r['metric'], kind: value, f'{kind}_low': low, f'{kind}_high': high})
+    return out
+
+def write_gain_chart(utility_records, path) -> str | None:
+    """Per-taxon bar chart of the augmentation gain, one bar per method with its interval; None without gain records."""
+    gains = [r for r in utility_records if r['metric'].startswith('gain')]
+    if not gains:
+        return None
+    methods = _methods_of(gains)
+    groups = list(gains[0]['targets']) + [BALANCED]
+    bars = {m: [] for m in methods}
+    for m in methods:
+        r = _utility_of(gains, 'gain', m)
+        bars[m] = [r['per_taxon'][t] for t in groups[:-1]] + [[r['value']] + list(r['interval'])]
+    # A gain in accuracy lies in [-1, 1]: intervals of few seeds that reach beyond are drawn up to the edge.
+    values = [min(max(v, -1.0), 1.0) for m in methods for triple in bars[m] for v in triple if not math.isnan(v)]
+    lo, hi = min(values + [0.0]), max(values + [0.0])
+    pad = 0.1 * (hi - lo or 0.1)
+    width, height, left, top, bottom = 140 + 150 * len(groups), 420, 70, 40, 80
+    image = Image.new('RGB', (width, height), 'white')
+    draw = ImageDraw.Draw(image)
+    font = _font(12)
+    ticks = nice_ticks(lo - pad, hi + pad)
+    ylim = (min(ticks[0], lo - pad), max(ticks[-1], hi + pad))
+    to_y = lambda v: top + (ylim[1] - min(max(v, ylim[0]), ylim[1])) / (ylim[1] - ylim[0]) * (height - top - bottom)
+    draw.text((left, 8), f'Gain in held-out accuracy from adding generated images ({gains[0]["metric"]}; '
+                         f'mean over {gains[0].get("seeds")} seeds, 95 % t-interval)', fill='black', font=_font(13))
+    for t in ticks:
+        draw.line([left, to_y(t), width - 20, to_y(t)], fill=(225, 225, 225))
+        draw.text((8, to_y(t) - 7), f'{t:+.2f}', fill='black', font=font)
+    draw.line([left, to_y(0), width - 20, to_y(0)], fill='black')
+    group_w = (width - 20 - left) / len(groups)
+    bar_w = group_w * 0.8 / len(methods)
+    for g, name in enumerate(groups):
+        x0 = left + g * group_w + group_w * 0.1
+        for i, m in enumerate(methods):
+            value, low, high = bars[m][g]
+            if math.isnan(value):
+                continue
+            xa, xb = x0 + i * bar_w, x0 + (i + 1) * bar_w - 2
+            draw.rectangle([xa, min(to_y(value), to_y(0)), xb, max(to_y(value), to_y(0))], fill=PALETTE[i % len(PALETTE)])
+            if not math.isnan(low):
+                xm = (xa + xb) / 2
+                draw.line([xm, to_y(low), xm, to_y(high)], fill='black', width=1)
+                draw.line([xm - 4, to_y(low), xm + 4, to_y(low)], fill='black')
+                draw.line([xm - 4, to_y(high), xm + 4, to_y(high)], fill='black')
+        draw.text((x0, height - bottom + 8), name, fill='black', font=font)
+    y = height - bottom + 30
+    x = left
+    for i, m in enumerate(methods):
+        draw.rectangle([x, y + 3, x + 12, y + 13], fill=PALETTE[i % len(PALETTE)])
+        draw.text((x + 18, y), m, fill='black', font=font)
+        x += 30 + _text_width(draw, m, font)
+    _save_png(image, path)
+    return str(path)
 
 #----------------------------------------------------------------------------
 # Table 1: configurations on one taxon.
@@ -614,9 +759,13 @@ def write_report(
     if not records:
         raise ReportError(f'{exp_dir / hierarchy.RESULTS_FILE}: no current records')
     written = []
-    write_text_atomic(exp_dir / 'table.md', hier_markdown(records, title or f'Experiment {exp_dir.resolve().name}'))
-    write_text_atomic(exp_dir / 'table.csv', _csv_text(CSV_FIELDS, hier_csv_rows(records)))
+    useful = current_utility(exp_dir)
+    write_text_atomic(exp_dir / 'table.md', hier_markdown(records, title or f'Experiment {exp_dir.resolve().name}', useful))
+    write_text_atomic(exp_dir / 'table.csv', _csv_text(CSV_FIELDS, hier_csv_rows(records, useful)))
     written += [str(exp_dir / 'table.md'), str(exp_dir / 'table.csv')]
+    chart = write_gain_chart(useful, exp_dir / GAIN_FILE)
+    if chart:
+        written.append(chart)
     if grids:
         order = {key: i for i, key in enumerate(_sort_columns(column_key(r) for r in records))}
         taxa = _taxon_order(records)

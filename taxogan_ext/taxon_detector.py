@@ -279,7 +279,7 @@ def class_weights(
 #----------------------------------------------------------------------------
 # Training step 3: fit.
 
-def _augment(x, generator):
+def augment_batch(x, generator):
     """Random flips, quarter turns, shifts and brightness/contrast changes of a float batch [N, 3, r, r]."""
     n, _, r, _ = x.shape
     flip_h = torch.rand(n, generator=generator) < 0.5
@@ -303,7 +303,7 @@ def _fit_epoch(model, optimizer, loss_fn, training, train_idx, generator, batch_
     running = 0.0
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        x = _augment(training.images[batch], generator).to(device)
+        x = augment_batch(training.images[batch], generator).to(device)
         for group in optimizer.param_groups:
             group['lr'] = lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
         loss = loss_fn(model.classify(x), training.labels[batch].to(device))

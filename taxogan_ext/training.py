@@ -70,16 +70,7 @@ class RunStopped(UserError):
 #----------------------------------------------------------------------------
 # The options, declared once.
 
-def _option(
-    default     = None,     # value when not given, written as on the command line (`type` converts it); None = unset
-    help        = '',       # --help text
-    type        = None,     # click type (str, range or choice); None = a flag (False unless given)
-    metavar     = None,     # placeholder in --help; None = click's (the choices, for a choice)
-    required    = False,    # the command refuses to run without it
-):
-    """A TrainingOptions field: its default, and what click needs to offer it as an --option."""
-    return dataclasses.field(default=False if type is None else default,
-                             metadata=dict(help=help, type=type, metavar=metavar, required=required))
+_option = cli.option_field
 
 
 @dataclasses.dataclass
@@ -141,10 +132,7 @@ class TrainingOptions:
     def __post_init__(self):
         # Values as click gives them (--tick's default 4 becomes 4.0), so that options built here and parsed ones are
         # equal, and training_options.json reads the same either way.
-        for field in dataclasses.fields(self):
-            value, click_type = getattr(self, field.name), field.metadata['type']
-            if value is not None and click_type is not None:
-                setattr(self, field.name, click_type(value))
+        cli.typed_values(self)
 
     def as_dict(self):
         """{option name: value}, sorted by name (as training_options.json stores them)."""
@@ -156,37 +144,13 @@ def option_names():
     return [field.name for field in dataclasses.fields(TrainingOptions)]
 
 
-def _click_option(field):
-    """The click option of one TrainingOptions field."""
-    meta = field.metadata
-    kwargs = dict(help=meta['help'])
-    if meta['metavar'] is not None:
-        kwargs['metavar'] = meta['metavar']
-    if meta['type'] is None:
-        kwargs['is_flag'] = True
-    else:
-        kwargs['type'] = meta['type']
-    if meta['required']:
-        kwargs['required'] = True
-    if field.default is not None and meta['type'] is not None:
-        kwargs.update(default=field.default, show_default=True)
-    return click.option('--' + field.name.replace('_', '-'), **kwargs)
-
-
 def click_options(
     exclude = (),       # field names the command does not offer (it sets them itself)
 ):
     """Decorator adding TrainingOptions' fields to a click command as --options, in declaration order."""
     unknown = set(exclude) - set(option_names())
     assert not unknown, f'not training options: {sorted(unknown)}'
-
-    def add(fn):
-        # click lists options in the reverse order of their decorators' application: the last field goes on first.
-        for field in reversed(dataclasses.fields(TrainingOptions)):
-            if field.name not in exclude:
-                fn = _click_option(field)(fn)
-        return fn
-    return add
+    return cli.dataclass_options(TrainingOptions, exclude)
 
 #----------------------------------------------------------------------------
 # Options -> config.
