@@ -457,8 +457,8 @@ def test_inception_download_verifies_and_records_checksum(tmp_path, monkeypatch)
 TAXA = ('Alpha', 'Beta', 'Gamma')
 
 
-def _taxon_images(k, n, seed):
-    """Three kinds of 16 px images, unchanged in kind by flips and quarter turns."""
+def _taxon_images(k, n, seed, contrast=1.0, noise=12):
+    """Three kinds of 16 px images, unchanged in kind by flips and quarter turns (contrast < 1: fainter patterns)."""
     rnd = np.random.RandomState(seed)
     yy, xx = np.mgrid[0:16, 0:16]
     out = []
@@ -469,8 +469,10 @@ def _taxon_images(k, n, seed):
             pattern = 220 * np.exp(-((yy - 7.5) ** 2 + (xx - 7.5) ** 2) / 18)    # bright blob on dark
         else:
             pattern = np.full([16, 16], 120.0)                                   # flat grey
+        if contrast != 1:
+            pattern = 120 + contrast * (pattern - 120)
         tint = rnd.uniform(0.8, 1.2, size=[3, 1, 1])
-        img = pattern[None] * tint + rnd.normal(0, 12, size=[3, 16, 16])
+        img = pattern[None] * tint + rnd.normal(0, noise, size=[3, 16, 16])
         out.append(np.clip(img, 0, 255).astype(np.uint8))
     return np.stack(out)
 

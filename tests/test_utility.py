@@ -16,33 +16,16 @@ from click.testing import CliRunner
 
 import calc_metrics
 import train_hier
+from test_metrics import _taxon_images
 from taxogan_ext import hierarchy, report, utility
 from taxogan_ext.taxonomy import load_manifest
 
 TAXA = ('Alpha', 'Beta', 'Gamma')
-CONTRAST = 0.2      # faint patterns in noise: a classifier of the real images gets some wrong
+CONTRAST = 0.2      # faint patterns (checkerboard, blob, flat) in noise: a classifier of the real images gets some wrong
 COUNTS = {'Alpha': 64, 'Beta': 40, 'Gamma': 24}       # unbalanced: the gain tops Beta and Gamma up
 # A tiny classifier: 16 px, two stages; every arm gets the same budget.
 TINY = utility.UtilityOptions(utility_seeds=3, utility_steps=200, utility_batch=16, utility_res=16, utility_lr=3e-3,
                               channels=(16, 32))
-
-
-def _pattern_images(k, n, seed):
-    """Three kinds of 16 px images (checkerboard, centred blob, flat grey), faint, tinted and noisy."""
-    rnd = np.random.RandomState(seed)
-    yy, xx = np.mgrid[0:16, 0:16]
-    out = []
-    for _ in range(n):
-        if k == 0:
-            pattern = ((yy // 2 + xx // 2) % 2) * 200 + 30
-        elif k == 1:
-            pattern = 220 * np.exp(-((yy - 7.5) ** 2 + (xx - 7.5) ** 2) / 18)
-        else:
-            pattern = np.full([16, 16], 120.0)
-        pattern = 120 + CONTRAST * (pattern - 120)
-        img = pattern[None] * rnd.uniform(0.8, 1.2, size=[3, 1, 1]) + rnd.normal(0, 40, size=[3, 16, 16])
-        out.append(np.clip(img, 0, 255).astype(np.uint8))
-    return out
 
 
 def _png(chw):
@@ -67,8 +50,10 @@ def write_collection(root, counts=COUNTS):
     """A datasets folder as dataset_tool_ext.py writes it: Root.zip (labelled by taxon) and one zip per taxon, the
     same file name and bytes for an image in every zip that holds it."""
     root.mkdir(parents=True, exist_ok=True)
-    members = {t: [(f'{t.lower()}-{i:03d}.png', _png(img)) for i, img in enumerate(_pattern_images(k, counts[t], k))]
-               for k, t in enumerate(TAXA)}
+    members = {}
+    for k, t in enumerate(TAXA):
+        images = _taxon_images(k, counts[t], k, contrast=CONTRAST, noise=40)
+        members[t] = [(f'{t.lower()}-{i:03d}.png', _png(img)) for i, img in enumerate(images)]
     everything = sorted(m for t in TAXA for m in members[t])
     labels = [[name, next(k for k, t in enumerate(TAXA) if name.startswith(t.lower()))] for name, _ in everything]
     _write_zip(root / 'Root.zip', everything, labels, list(TAXA))
