@@ -374,8 +374,8 @@ def write_gain_chart(utility_records, path) -> str | None:
     image = Image.new('RGB', (width, height), 'white')
     draw = ImageDraw.Draw(image)
     font = _font(12)
-    ticks = nice_ticks(lo - pad, hi + pad)
-    ylim = (min(ticks[0], lo - pad), max(ticks[-1], hi + pad))
+    ylim = (max(lo - pad, -1.0), min(hi + pad, 1.0))
+    ticks = [t for t in nice_ticks(*ylim) if ylim[0] <= t <= ylim[1]]
     to_y = lambda v: top + (ylim[1] - min(max(v, ylim[0]), ylim[1])) / (ylim[1] - ylim[0]) * (height - top - bottom)
     draw.text((left, 8), f'Gain in held-out accuracy from adding generated images ({gains[0]["metric"]}; '
                          f'mean over {gains[0].get("seeds")} seeds, 95 % t-interval)', fill='black', font=_font(13))
