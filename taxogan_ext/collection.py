@@ -525,7 +525,8 @@ def default_workers() -> int:
 #----------------------------------------------------------------------------
 # Zips.
 
-def _zip_info(name: str, compress: int) -> zipfile.ZipInfo:
+def zip_info(name: str, compress: int = zipfile.ZIP_STORED) -> zipfile.ZipInfo:
+    """A zip entry with a fixed timestamp and mode (dataset zips, held-out splits)."""
     # A fixed timestamp and mode make the zip's bytes, and so its SHA-256, depend on the content only.
     info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
     info.compress_type = compress
@@ -543,10 +544,10 @@ def write_zip(
         for name, staged in members:
             # PNGs are compressed already: storing them keeps reads fast and costs nothing.
             with open(staged, 'rb') as png:
-                zf.writestr(_zip_info(name, zipfile.ZIP_STORED), png.read())
+                zf.writestr(zip_info(name, zipfile.ZIP_STORED), png.read())
         # The class names travel with the labels, so that a zip is readable without the manifest.
         meta = {'labels': labels} if labels is None else {'labels': labels, 'label_names': label_names}
-        zf.writestr(_zip_info('dataset.json', zipfile.ZIP_DEFLATED), json.dumps(meta, separators=(',', ':')))
+        zf.writestr(zip_info('dataset.json', zipfile.ZIP_DEFLATED), json.dumps(meta, separators=(',', ':')))
 
 def _zip_contents(
     taxa:       dict,                   # name -> entry with labels (tree order)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import tqdm
 
+from stylegan2ada.dataset import IMAGE_EXTENSIONS
 from stylegan2ada.metrics import metric_main
 from stylegan2ada.metrics.detectors import DetectorError, resolve_detector
 from stylegan2ada.pickles import evaluation_network, load_network_pkl
@@ -672,7 +673,7 @@ def write_derived_zip(derived: DerivedData) -> None:
     except (OSError, zipfile.BadZipFile) as exc:
         raise PlanError(f'{derived.source}: cannot read the dataset zip ({exc})') from None
     with source, atomic_write(path, 'wb') as f, zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED) as out:
-        names = sorted(n for n in source.namelist() if os.path.splitext(n)[1].lower() in ('.png', '.jpg', '.jpeg'))
+        names = sorted(n for n in source.namelist() if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
         for name in names:
             # A fixed date keeps the file byte-identical from run to run.
             out.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), source.read(name))

@@ -313,7 +313,6 @@ def utility_markdown(utility_records) -> list[str]:
     taxa = list(first['targets'])
     cas = {m: _utility_of(utility_records, 'cas', m) for m in methods}
     gain = {m: _utility_of(utility_records, 'gain', m) for m in methods}
-    base = next(r for r in utility_records)
     header = ['taxon', 'real train / held-out', 'real-trained']
     header += [f'CAS {m}' for m in methods if cas[m]] + [f'gain {m}' for m in methods if gain[m]]
     opts = first.get('seeds'), first.get('num_test', {})
@@ -328,12 +327,12 @@ def utility_markdown(utility_records) -> list[str]:
              f'(paired by seed).', '',
              '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for taxon in taxa:
-        row = [taxon, f'{base["num_train"][taxon]} / {base["num_test"][taxon]}', _fmt(base['real_per_taxon'][taxon][0])]
+        row = [taxon, f'{first["num_train"][taxon]} / {first["num_test"][taxon]}', _fmt(first['real_per_taxon'][taxon][0])]
         row += [_fmt(cas[m]['per_taxon'][taxon][0]) for m in methods if cas[m]]
         row += [_signed(gain[m]['per_taxon'][taxon][0]) for m in methods if gain[m]]
         lines.append('| ' + ' | '.join(row) + ' |')
-    real = base.get('real_accuracy', base.get('accuracy_real'))
-    real_interval = base.get('real_interval') or [float('nan')] * 2
+    real = first.get('real_accuracy', first.get('accuracy_real'))
+    real_interval = first.get('real_interval') or [float('nan')] * 2
     row = [f'**{BALANCED}**', '', _fmt(real) + ('' if math.isnan(real_interval[0]) else
                                                f' [{real_interval[0]:.3f}, {real_interval[1]:.3f}]')]
     row += [_fmt(cas[m]['value']) + ('' if math.isnan(cas[m]['interval'][0]) else

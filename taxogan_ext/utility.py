@@ -43,12 +43,13 @@ import torch
 import tqdm
 
 from stylegan2ada import cli
-from stylegan2ada.dataset import DatasetError, ImageFolderDataset
+from stylegan2ada.dataset import IMAGE_EXTENSIONS, DatasetError, ImageFolderDataset
 from stylegan2ada.image_utils import to_uint8
 from stylegan2ada.metrics.detectors import default_cache_dir
 from stylegan2ada.pickles import evaluation_network, load_network_pkl
 from stylegan2ada.util import UserError, atomic_write, sha256_file, write_json_atomic
 from taxogan_ext import hierarchy
+from taxogan_ext.collection import zip_info
 from taxogan_ext.taxon_detector import TaxonClassifier, augment_batch, class_taxa, class_weights, preprocess_images, split_heldout
 from taxogan_ext.taxonomy import MANIFEST_NAME, Manifest, load_manifest, manifest_from_dict
 
@@ -137,16 +138,8 @@ class Holdout:
         return [image['name'] for image in self.images if taxon in image['path']]
 
 
-def _fixed_zip_info(name: str, compress=zipfile.ZIP_STORED) -> zipfile.ZipInfo:
-    # A fixed timestamp and mode: the zip's bytes (and its SHA-256, which the plan tracks) depend on the content only.
-    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-    info.compress_type = compress
-    info.external_attr = 0o644 << 16
-    return info
-
-
 def _image_names(zf: zipfile.ZipFile) -> list[str]:
-    return sorted(n for n in zf.namelist() if os.path.splitext(n)[1].lower() in ('.png', '.jpg', '.jpeg'))
+    return sorted(n for n in zf.namelist() if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
 
 
 def _read_zip(path) -> zipfile.ZipFile:
@@ -186,22 +179,22 @@ def _copy_without(src, dst, drop_sha256: set) -> tuple[int, int]:
             if hashlib.sha256(data).hexdigest() in drop_sha256:
                 dropped += 1
                 continue
-            out.writestr(_fixed_zip_info(name), data)
+            out.writestr(zip_info(name), data)
             kept.append(name)
         meta = json.loads(zf.read('dataset.json')) if 'dataset.json' in zf.namelist() else {'labels': None}
         if meta.get('labels') is not None:
             keep = set(kept)
             meta['labels'] = [entry for entry in meta['labels'] if entry[0] in keep]
-        out.writestr(_fixed_zip_info('dataset.json', zipfile.ZIP_DEFLATED), json.dumps(meta, separators=(',', ':')))
+        out.writestr(zip_info('dataset.json', zipfile.ZIP_DEFLATED), json.dumps(meta, separators=(',', ':')))
     return len(kept), dropped
 
 
 def _write_heldout_zip(path, classes: list, held: list) -> None:
     with atomic_write(path, 'wb') as f, zipfile.ZipFile(f, 'w') as out:
         for image in held:
-            out.writestr(_fixed_zip_info(image['name']), image['data'])
+            out.writestr(zip_info(image['name']), image['data'])
         meta = dict(labels=[[image['name'], classes.index(image['taxon'])] for image in held], label_names=list(classes))
-        out.writestr(_fixed_zip_info('dataset.json', zipfile.ZIP_DEFLATED), json.dumps(meta, separators=(',', ':')))
+        out.writestr(zip_info('dataset.json', zipfile.ZIP_DEFLATED), json.dumps(meta, separators=(',', ':')))
 
 
 def _split_is_current(dest: Path, source_sha: str, fraction: float, seed: int) -> bool:
