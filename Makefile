@@ -46,11 +46,14 @@ bench: $(MANIFEST) $(TAXON_DETECTOR) | $(STAMP)
 	$(PY) bench/inception_cpu.py --num 256
 
 # Training speed on one GPU (docs/benchmarks.md, section "Training speed on a GPU"): NVIDIA's --cfg auto at 256 px,
-# augment p = 0, 0.2 and 0.6, host synchronisations, and a profile; writes its table into docs/benchmarks.md.
-# DEVICE=cpu runs the tiny preset instead (a check of the script, about a minute). PY=python3 on the command line
-# uses that Python as it is (e.g. a GPU machine's own CUDA torch) instead of creating .venv.
+# augment p = 0, 0.2 and 0.6, eagerly and with CUDA graphs (train.py --cuda-graphs), host synchronisations, a profile,
+# and how far 34 iterations through the graphs land from 34 eager ones; writes its table into docs/benchmarks.md.
+# DEVICE=cpu runs the tiny preset instead, with the graphs' CPU model (a check of the script, under a minute).
+# PY=python3 on the command line uses that Python as it is (e.g. a GPU machine's own CUDA torch) instead of .venv.
 DEVICE       ?= cuda
 BENCH_PRESET ?= $(if $(filter cpu,$(DEVICE)),tiny,auto256)
+, := ,
+BENCH_GRAPHS ?= $(if $(filter cpu,$(DEVICE)),off$(,)oplog,off$(,)cuda)
 bench-gpu: $(if $(filter command line,$(origin PY)),,$(STAMP))
-	$(PY) bench/train_step.py --preset $(BENCH_PRESET) --device $(DEVICE) --p 0,0.2,0.6 --iters 16 --repeats 3 \
-		--profile 4 --doc docs/benchmarks.md
+	$(PY) bench/train_step.py --preset $(BENCH_PRESET) --device $(DEVICE) --p 0,0.2,0.6 --graphs $(BENCH_GRAPHS) \
+		--iters 16 --repeats 3 --profile 4 --check-graphs 34 --doc docs/benchmarks.md

@@ -27,6 +27,9 @@ class DiscriminatorTerm(Protocol):
     def load_state_dict(self, state):
         """Restore the state saved by state_dict()."""
 
+    def graph_key(self, cur_nimg):
+        """Whatever host-side choice changes the term's ops at cur_nimg (one CUDA graph is captured per value)."""
+
 
 def r1_penalty(real_logits, real_img):
     """Squared gradient norm of D's logits w.r.t. the real images, per sample: [N]."""
@@ -70,10 +73,26 @@ class StyleGAN2Loss:
 
     def load_state_dict(self, state):
         """Restore state_dict()."""
-        self.pl_mean = state['pl_mean'].clone().to(self.pl_mean.device)
+        self.pl_mean.copy_(state['pl_mean'])
         for term in self.extra_d_terms:
             if term.name in state.get('extra_d_terms', {}):
                 term.load_state_dict(state['extra_d_terms'][term.name])
+
+    def graph_key(self, phase, cur_nimg):
+        """Host-side choices that change a phase's ops at cur_nimg (e.g. LeCam switched on): one CUDA graph per key."""
+        if phase not in ('Dmain', 'Dboth'):
+            return ()                                                   # the extra terms act in D's main loss only
+        missing = [type(term).__name__ for term in self.extra_d_terms if not hasattr(term, 'graph_key')]
+        if missing:
+            raise TypeError(f'extra discriminator terms without graph_key() cannot run in CUDA graphs: {missing}')
+        return tuple(term.graph_key(cur_nimg) for term in self.extra_d_terms)
+
+    def _store_pl_mean(self, pl_mean):
+        # Moved to the device once, then updated in place: a replayed CUDA graph writes into the same tensor.
+        if self.pl_mean.device != pl_mean.device:
+            self.pl_mean = pl_mean.clone()
+        else:
+            self.pl_mean.copy_(pl_mean)
 
     def _report(self, name, value):
         if self.stats is not None:
@@ -84,12 +103,15 @@ class StyleGAN2Loss:
         """Images and ws for latents z and labels c, with style mixing."""
         ws = self.G.mapping(z, c)                                       # [N, num_ws, w_dim]
         if self.style_mixing_prob > 0 and ws.shape[1] > 1:
-            cutoff = int(torch.randint(1, ws.shape[1], []).item())
-            if float(torch.rand([])) >= self.style_mixing_prob:
-                cutoff = ws.shape[1]
-            if cutoff < ws.shape[1]:
-                mixed = self.G.mapping(torch.randn_like(z), c, skip_w_avg_update=True)
-                ws = torch.cat([ws[:, :cutoff], mixed[:, cutoff:]], dim=1)
+            # Decided on the device (as NVIDIA does): the layers from a random cutoff on take the ws of other latents,
+            # or none (cutoff = num_ws) with probability 1 - style_mixing_prob. The second mapping always runs, so
+            # the work and every shape are the same each iteration and the host never reads the draw.
+            num_ws = ws.shape[1]
+            cutoff = torch.randint(1, num_ws, [], device=ws.device)
+            cutoff = torch.where(torch.rand([], device=ws.device) < self.style_mixing_prob, cutoff, num_ws)
+            mixed = self.G.mapping(torch.randn_like(z), c, skip_w_avg_update=True)
+            layer = torch.arange(num_ws, device=ws.device).view(1, num_ws, 1)
+            ws = torch.where(layer < cutoff, ws, mixed)
         img = self.G.synthesis(ws)
         return img, ws
 
@@ -134,7 +156,7 @@ class StyleGAN2Loss:
             pl_grads, = torch.autograd.grad(outputs=(gen_img * pl_noise).sum(), inputs=gen_ws, create_graph=True, only_inputs=True)
             pl_lengths = pl_grads.square().sum(dim=2).mean(dim=1).sqrt()  # [N]
             pl_mean = self.pl_mean.to(pl_lengths.device).lerp(pl_lengths.mean(), self.pl_decay)
-            self.pl_mean = pl_mean.detach()
+            self._store_pl_mean(pl_mean.detach())
             pl_penalty = (pl_lengths - pl_mean).square()
             loss_Gpl = pl_penalty * self.pl_weight
             self._report('Loss/pl_penalty', pl_penalty)

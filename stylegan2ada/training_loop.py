@@ -18,6 +18,7 @@ import numpy as np
 import psutil
 import torch
 
+from . import graphs as graph_backends
 from . import pickles
 from .augment import TRANSFORMS as AUGMENT_TRANSFORMS
 from .augment import AugmentPipe
@@ -109,6 +110,7 @@ def build_phases(
     G_reg_interval,         # lazy regularization interval of G; None = one phase Gboth every step
     D_reg_interval,         # lazy regularization interval of D; None = one phase Dboth every step
     device,                 # torch.device of the networks (CUDA gets the fused Adam)
+    capturable  = False,    # Adam steps that may be captured in a CUDA graph
 ):
     """The training phases in order (Gmain, Greg, Dmain, Dreg or Gboth, Dboth), one Adam per network."""
     phases = []
@@ -121,7 +123,8 @@ def build_phases(
             opt_kwargs['lr'] = opt_kwargs['lr'] * mb_ratio
             opt_kwargs['betas'] = [beta ** mb_ratio for beta in opt_kwargs['betas']]
         # One fused kernel updates every tensor (4x faster than the per-tensor loop on the CPU, one launch on CUDA).
-        opt = torch.optim.Adam(module.parameters(), fused=(device.type in ('cuda', 'cpu')) or None, **opt_kwargs)
+        opt = torch.optim.Adam(module.parameters(), fused=(device.type in ('cuda', 'cpu')) or None, capturable=capturable,
+                               **opt_kwargs)
         if reg_interval is None:
             phases.append(dict(name=name + 'both', module=module, opt=opt, interval=1))
         else:
@@ -179,6 +182,38 @@ class LossWatch:
         return found
 
 
+def run_phase(
+    phase,                  # one entry of build_phases()
+    loss,                   # StyleGAN2Loss
+    real_img,               # per round: real images [batch_gpu, C, H, W] in [-1, 1], on the device
+    real_c,                 # per round: their labels [batch_gpu, c_dim]
+    gen_z,                  # per round: latents [batch_gpu, z_dim]
+    gen_c,                  # per round: labels of the generated images [batch_gpu, c_dim]
+    cur_nimg,               # images shown so far (extra loss terms may schedule on it)
+    num_gpus,               # number of processes: gradients are averaged over them
+):
+    """One phase: forward and backward of every round, gradient reduction, Adam step; returns each round's losses.
+
+    Nothing here reads device values on the host and every shape is fixed by the batch, so a GPU keeps its queue full
+    and the whole phase can be captured as one CUDA graph (stylegan2ada/graphs.py).
+    """
+    rounds = len(real_img)
+    phase['module'].requires_grad_(True)
+    phase['opt'].zero_grad(set_to_none=True)
+    reported = []
+    for round_real_img, round_real_c, round_gen_z, round_gen_c in zip(real_img, real_c, gen_z, gen_c):
+        # The gain keeps lazy regularization's long-term strength. 1/rounds averages the rounds, so that
+        # --batch-gpu (gradient accumulation) changes memory use, not the gradient (NVIDIA sums them).
+        loss.last_losses.clear()
+        loss.accumulate_gradients(phase=phase['name'], real_img=round_real_img, real_c=round_real_c,
+                                  gen_z=round_gen_z, gen_c=round_gen_c, gain=phase['interval'] / rounds, cur_nimg=cur_nimg)
+        reported.append(dict(loss.last_losses))
+    phase['module'].requires_grad_(False)
+    _finish_gradients(list(phase['module'].parameters()), num_gpus)
+    phase['opt'].step()
+    return reported
+
+
 def run_phases(
     phases,                 # from build_phases()
     loss,                   # StyleGAN2Loss
@@ -190,27 +225,108 @@ def run_phases(
     cur_nimg,               # images shown so far (extra loss terms may schedule on it)
     num_gpus,               # number of processes: gradients are averaged over them
     watch,                  # LossWatch recording the reported losses
+    graphs  = None,         # PhaseGraphs replaying captured phases; None = every phase eagerly
 ):
-    """One iteration's due phases: forward and backward of every round, gradient reduction, Adam step.
-
-    Nothing here reads device values on the host, so a GPU keeps its queue full.
-    """
-    rounds = len(real_img)
+    """One iteration's due phases, eagerly or through their CUDA graphs."""
     for phase, phase_gen_z, phase_gen_c in zip(phases, gen_z, gen_c):
         if batch_idx % phase['interval'] != 0:
             continue
-        phase['module'].requires_grad_(True)
-        phase['opt'].zero_grad(set_to_none=True)
-        for round_real_img, round_real_c, round_gen_z, round_gen_c in zip(real_img, real_c, phase_gen_z, phase_gen_c):
-            # The gain keeps lazy regularization's long-term strength. 1/rounds averages the rounds, so that
-            # --batch-gpu (gradient accumulation) changes memory use, not the gradient (NVIDIA sums them).
-            loss.last_losses.clear()
-            loss.accumulate_gradients(phase=phase['name'], real_img=round_real_img, real_c=round_real_c,
-                                      gen_z=round_gen_z, gen_c=round_gen_c, gain=phase['interval'] / rounds, cur_nimg=cur_nimg)
-            watch.observe(phase['name'], loss.last_losses)
-        phase['module'].requires_grad_(False)
-        _finish_gradients(list(phase['module'].parameters()), num_gpus)
-        phase['opt'].step()
+        if graphs is not None:
+            reported = graphs.run(phase, real_img, real_c, list(phase_gen_z), list(phase_gen_c), cur_nimg)
+        else:
+            reported = run_phase(phase, loss, real_img, real_c, list(phase_gen_z), list(phase_gen_c), cur_nimg, num_gpus)
+        for losses in reported:
+            watch.observe(phase['name'], losses)
+
+
+class PhaseGraphs:
+    """Runs each training phase through a graph (stylegan2ada/graphs.py): eagerly first, captured the next time, then
+    replayed, one graph per (phase, loss.graph_key(cur_nimg)).
+
+    What must happen on the host for every run stays here: the inputs are copied into the tensors the capture read,
+    and the reported losses are copied out (one fused op) and handed to the stats, before the next replay overwrites
+    them. One process only (the gradient all-reduce is not captured). A phase whose capture fails runs eagerly from
+    then on, after one warning line.
+    """
+
+    def __init__(self,
+        loss,               # StyleGAN2Loss of the phases (its stats receive the reported losses)
+        backend,            # 'cuda' (CUDA graphs) or 'oplog' (their model on any device; tests)
+        warmup  = 1,        # eager runs of each phase before its capture (CUDA: cuDNN autotuning, Triton compiles)
+        log     = print,    # receives the one-line notices (capture, fallback)
+    ):
+        self.loss = loss
+        self.backend = backend
+        self.warmup = warmup
+        self.log = log
+        self._pool = None                   # CUDA: one memory pool for all phases (they replay one at a time)
+        self._graphs = {}                   # (phase name, graph key) -> (graph, static inputs)
+        self._eager_runs = {}               # (phase name, graph key) -> eager runs so far
+        self._failed = set()                # keys whose capture failed: eager for good
+        if loss.augment_pipe is not None:
+            loss.augment_pipe.skip_at_p0 = False    # p must be read from its tensor inside a graph, never as a float
+
+    def run(self, phase, real_img, real_c, gen_z, gen_c, cur_nimg):
+        """Run one due phase (inputs as run_phase takes them); returns each round's reported losses."""
+        key = (phase['name'], self.loss.graph_key(phase['name'], cur_nimg))
+        inputs = [*real_img, *real_c, *gen_z, *gen_c]
+        entry = self._graphs.get(key)
+        if entry is not None:
+            graph, static = entry
+            torch._foreach_copy_(static, inputs)
+            return self._hand_out(graph.replay())
+        if key in self._failed or self._eager_runs.get(key, 0) < self.warmup:
+            self._eager_runs[key] = self._eager_runs.get(key, 0) + 1
+            return run_phase(phase, self.loss, real_img, real_c, gen_z, gen_c, cur_nimg, num_gpus=1)
+        static = [t.clone() for t in inputs]
+        rounds = len(real_img)
+        groups = [static[i * rounds:(i + 1) * rounds] for i in range(4)]
+        if self.backend == 'cuda' and self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = graph_backends.make_graph(self.backend, self._pool)
+        stats, recorded = self.loss.stats, _ReportRecorder()
+        self.loss.stats = recorded          # reports are recorded as graph outputs and handed on after every run
+        try:
+            result = graph.capture(lambda: (run_phase(phase, self.loss, *groups, cur_nimg, num_gpus=1), recorded.items))
+        except Exception as err:            # pylint: disable=broad-except  (any capture failure: run the phase eagerly)
+            if self.backend != 'cuda':
+                raise                       # the model backend exists to find such failures
+            failure = err
+        else:
+            failure = None
+        finally:
+            self.loss.stats = stats
+        if failure is not None:
+            self._failed.add(key)
+            reason = str(failure).splitlines()[0] if str(failure) else ''
+            self.log(f'CUDA graph of phase {phase["name"]} failed ({type(failure).__name__}: {reason}); running it eagerly')
+            return run_phase(phase, self.loss, real_img, real_c, gen_z, gen_c, cur_nimg, num_gpus=1)
+        self._graphs[key] = (graph, static)
+        self.log(f'{"CUDA" if self.backend == "cuda" else "Op-log"} graph of phase {phase["name"]} captured'
+                 + (f' ({", ".join(map(str, key[1]))})' if key[1] else ''))
+        return self._hand_out(result)
+
+    def _hand_out(self, result):
+        """Copy a run's reported losses out of the graph's memory, report them to the stats; returns the rounds'."""
+        rounds, reports = result
+        tensors = {id(v): v for v in [v for _, v in reports] + [v for losses in rounds for v in losses.values()]
+                   if isinstance(v, torch.Tensor)}
+        copies = dict(zip(tensors, torch._foreach_mul(list(tensors.values()), 1))) if tensors else {}
+        if self.loss.stats is not None:
+            for name, value in reports:
+                self.loss.stats.report(name, copies.get(id(value), value))
+        return [{name: copies[id(value)] for name, value in losses.items()} for losses in rounds]
+
+
+class _ReportRecorder:
+    """Stands in for the stats during a capture: keeps (name, value) in report order."""
+
+    def __init__(self):
+        self.items = []
+
+    def report(self, name, value):
+        """Record one report."""
+        self.items.append((name, value.detach() if isinstance(value, torch.Tensor) else value))
 
 
 def update_ema_(
@@ -358,6 +474,7 @@ def training_loop(
     resume_pkl              = None,         # pickle to start from; None = from scratch
     resume_mode             = 'auto',       # 'full' = restore progress, 'weights' = fine-tune, 'auto' = full if the pickle has progress
     resume_partial          = False,        # copy only the tensors whose names and shapes match; False = every tensor or an error
+    phase_graphs            = None,         # 'cuda' = replay each phase as a CUDA graph (one GPU); 'oplog' = their model (tests); None = eager
     cudnn_benchmark         = True,         # torch.backends.cudnn.benchmark
     allow_tf32              = False,        # TF32 matmul/conv on Ampere+
     device                  = 'cpu',        # torch device
@@ -368,6 +485,10 @@ def training_loop(
     """Train a GAN and write snapshots into run_dir; returns the path of the final snapshot."""
     start_time = time.time()
     device = torch.device(device)
+    if phase_graphs not in (None, *graph_backends.BACKENDS):
+        raise ValueError(f'phase_graphs must be None or one of {graph_backends.BACKENDS}, got {phase_graphs!r}')
+    if phase_graphs == 'cuda' and (device.type != 'cuda' or num_gpus != 1):
+        raise UserError(f'CUDA graphs need one CUDA device (here: {num_gpus} process(es) on {device.type})')
     np.random.seed(random_seed * num_gpus + rank)
     torch.manual_seed(random_seed * num_gpus + rank)
     label_rnd = np.random.RandomState(random_seed * num_gpus + rank)
@@ -377,7 +498,8 @@ def training_loop(
         torch.backends.cudnn.allow_tf32 = allow_tf32
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
-        remove_stale_temp_files(run_dir, 'network-snapshot-')    # left by a run killed while writing a snapshot
+        # Left by a run killed while writing a snapshot, a grid or a report: one run writes here at a time.
+        remove_stale_temp_files(run_dir, '')
     log = _TickLog(run_dir, rank)
 
     # Data.
@@ -402,7 +524,9 @@ def training_loop(
     stats = StatsCollector()
     loss = StyleGAN2Loss(G=G, D=D, augment_pipe=augment_pipe, extra_d_terms=extra_d_terms, stats=stats, **(loss_kwargs or {}))
 
-    phases = build_phases(G, D, G_opt_kwargs, D_opt_kwargs, G_reg_interval, D_reg_interval, device)
+    phases = build_phases(G, D, G_opt_kwargs, D_opt_kwargs, G_reg_interval, D_reg_interval, device,
+                          capturable=phase_graphs == 'cuda')
+    graphs = PhaseGraphs(loss, backend=phase_graphs, log=log.line) if phase_graphs is not None else None
     optimizers = {'G': phases[0]['opt'], 'D': phases[-1]['opt']}
 
     # Resume.
@@ -521,7 +645,8 @@ def training_loop(
             labels = [training_set.get_label(label_rnd.randint(len(training_set))) for _ in range(len(phases) * rounds * batch_gpu)]
             all_gen_c = torch.from_numpy(np.stack(labels)).to(device, non_blocking=True).reshape(len(phases), rounds, batch_gpu, -1)
 
-            run_phases(phases, loss, batch_idx, phase_real_img, phase_real_c, all_gen_z, all_gen_c, cur_nimg, num_gpus, watch)
+            run_phases(phases, loss, batch_idx, phase_real_img, phase_real_c, all_gen_z, all_gen_c, cur_nimg, num_gpus, watch,
+                       graphs=graphs)
 
             # G_ema: exponential moving average with a half-life in images, ramped up early on.
             ema_nimg = ema_kimg * 1000

@@ -100,7 +100,7 @@ def atomic_write(
 
 def remove_stale_temp_files(
     folder,             # folder to clean
-    name_prefix,        # final file names the temporary files were for start with this (e.g. 'network-snapshot-')
+    name_prefix,        # final file names the temporary files were for start with this (e.g. 'network-snapshot-'; '' = any)
 ):
     """Delete atomic_write temporaries left in `folder` by a process killed while writing (they are never complete)."""
     for name in os.listdir(folder):

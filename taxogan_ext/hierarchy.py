@@ -56,7 +56,7 @@ PLAN_FORMAT     = 'taxogan-plan/1'
 
 # train.py options that change how a run is reported or scheduled, not the network it produces:
 # changing them never makes a finished stage stale.
-NON_RESULT_OPTIONS = ('snap', 'tick', 'workers', 'nobench', 'metrics', 'detector', 'device')
+NON_RESULT_OPTIONS = ('snap', 'tick', 'workers', 'nobench', 'cuda_graphs', 'metrics', 'detector', 'device')
 # Options that only make sense when a stage starts from a trained network (Freeze-D on a random D freezes noise;
 # a partial transfer needs something to transfer from).
 FINETUNE_ONLY_OPTIONS = ('freezed', 'resume_partial')

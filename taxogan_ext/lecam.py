@@ -71,20 +71,28 @@ class LeCamRegularizer:
         self.weight = float(weight)
         self.decay = float(decay)
         self.start_kimg = float(start_kimg)
-        self.ema_real = torch.zeros([], dtype=torch.float32)           # kept on the logits' device: no host sync per step
+        # Kept on the logits' device (no host sync per step) and updated in place (a replayed CUDA graph writes them).
+        self.ema_real = torch.zeros([], dtype=torch.float32)
         self.ema_fake = torch.zeros([], dtype=torch.float32)
-        self.num_updates = 0
+        self.num_updates = torch.zeros([], dtype=torch.int64)
 
     def is_active(self, cur_nimg):
         """Whether the weighted term enters D's loss at this point of training."""
         return self.weight > 0 and cur_nimg >= self.start_kimg * 1000
 
+    def graph_key(self, cur_nimg):
+        """The host-side choice that changes this term's ops (whether it is active): one CUDA graph per value."""
+        return f'{self.name} {"on" if self.is_active(cur_nimg) else "off"}'
+
+
     def update_ema(self, real_logits, gen_logits):
         """Move the EMAs towards this step's batch means (averaged over ranks); returns the means [2]."""
         means = _global_means(real_logits, gen_logits)
-        self.ema_real = self.ema_real.to(means.device).lerp(means[0], 1 - self.decay)  # d * ema + (1 - d) * mean
-        self.ema_fake = self.ema_fake.to(means.device).lerp(means[1], 1 - self.decay)
-        self.num_updates += 1
+        if self.ema_real.device != means.device:                       # the first update moves the state to the device
+            self.ema_real, self.ema_fake, self.num_updates = (t.to(means.device) for t in (self.ema_real, self.ema_fake, self.num_updates))
+        self.ema_real.lerp_(means[0], 1 - self.decay)                  # d * ema + (1 - d) * mean
+        self.ema_fake.lerp_(means[1], 1 - self.decay)
+        self.num_updates.add_(1)
         return means
 
     def __call__(self, real_logits, gen_logits, cur_nimg):
@@ -116,10 +124,9 @@ class LeCamRegularizer:
         missing = {'ema_real', 'ema_fake'} - set(state)
         if missing:
             raise KeyError(f'LeCam state lacks {sorted(missing)}')
-        device = self.ema_real.device
-        self.ema_real = torch.as_tensor(float(state['ema_real']), dtype=torch.float32, device=device)
-        self.ema_fake = torch.as_tensor(float(state['ema_fake']), dtype=torch.float32, device=device)
-        self.num_updates = int(state.get('num_updates', 0))
+        self.ema_real.fill_(float(state['ema_real']))
+        self.ema_fake.fill_(float(state['ema_fake']))
+        self.num_updates.fill_(int(state.get('num_updates', 0)))
 
     def __repr__(self):
         return f'LeCamRegularizer(weight={self.weight:g}, decay={self.decay:g}, start_kimg={self.start_kimg:g})'

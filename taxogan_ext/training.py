@@ -56,7 +56,8 @@ SIZE_OPTIONS = ('zdim', 'map', 'cbase', 'cmax', 'fp32', 'cond')
 # When a run is continued, these describe the new invocation (where, from what, which data file) ...
 CONTINUE_INVOCATION = ('outdir', 'run_dir', 'data', 'resume', 'resume_mode', 'resume_partial', 'dry_run')
 # ... these may be given anew (its length, what is reported, how fast it runs), else they stay as the run had them ...
-CONTINUE_MAY_CHANGE = ('kimg', 'snap', 'tick', 'metrics', 'detector', 'device', 'workers', 'nobench', 'allow_tf32')
+CONTINUE_MAY_CHANGE = ('kimg', 'snap', 'tick', 'metrics', 'detector', 'device', 'workers', 'nobench', 'allow_tf32',
+                       'cuda_graphs')
 # ... and every other one comes from the snapshot: giving it with another value is an error.
 
 
@@ -127,6 +128,7 @@ class TrainingOptions:
     nhwc:           bool         = _option(help='channels_last for fp16 layers')
     allow_tf32:     bool         = _option(help='Allow TF32 for convolutions and matmul')
     nobench:        bool         = _option(help='Disable cuDNN benchmarking')
+    cuda_graphs:    bool         = _option(help='Replay each training phase as one CUDA graph (one GPU; cuts the host\'s kernel-launch time, docs/benchmarks.md)')
     workers:        int | None   = _option(None, 'DataLoader worker processes [default: 3 on CUDA, 0 on CPU]', click.IntRange(min=0), 'INT')
 
     def __post_init__(self):
@@ -307,6 +309,9 @@ def build_config(
     c['detector'] = opts.detector
     c['cudnn_benchmark'] = not opts.nobench
     c['allow_tf32'] = opts.allow_tf32
+    if opts.cuda_graphs and (device != 'cuda' or opts.gpus != 1):
+        raise TrainingSetupError(f'--cuda-graphs needs one CUDA GPU (here --gpus {opts.gpus} on {device})')
+    c['phase_graphs'] = 'cuda' if opts.cuda_graphs else None
     c.update(dcgan_config(opts) if opts.model == 'dcgan' else stylegan2_config(opts, spec, mbstd, fp32))
     if opts.model == 'stylegan2' and training_set.resolution < 8:
         # Checked here, not by the discriminator when the run starts: a one-line error before the run folder is made.
@@ -676,7 +681,7 @@ LOOP_KEYS = ('training_set_kwargs', 'data_loader_kwargs', 'G_class', 'D_class', 
              'D_opt_kwargs', 'augment_kwargs', 'loss_kwargs', 'metrics', 'detector', 'random_seed', 'num_gpus', 'batch_size',
              'batch_gpu', 'ema_kimg', 'ema_rampup', 'G_reg_interval', 'D_reg_interval', 'augment_p', 'ada_target', 'ada_kimg',
              'total_kimg', 'kimg_per_tick', 'image_snapshot_ticks', 'network_snapshot_ticks', 'resume_pkl', 'resume_mode',
-             'resume_partial', 'cudnn_benchmark', 'allow_tf32')     # config entries that are training_loop() arguments
+             'resume_partial', 'cudnn_benchmark', 'allow_tf32', 'phase_graphs')  # config entries that are training_loop() arguments
 
 
 def subprocess_fn(rank, init_file, config, run_dir, progress_callback=None):

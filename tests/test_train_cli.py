@@ -135,6 +135,9 @@ def test_bad_options_fail_early(tmp_path):
     assert result.exit_code == 1 and 'labels' in result.output
     result = CliRunner().invoke(train.main, ['--data', data, *TINY])
     assert result.exit_code == 1 and '--outdir' in result.output
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path), '--data', data, '--cuda-graphs', *TINY])
+    assert result.exit_code == 1 and result.output == 'Error: --cuda-graphs needs one CUDA GPU (here --gpus 1 on cpu)\n'
+    assert sorted(os.listdir(tmp_path)) == ['d.zip']                 # refused before any run folder is made
 
 
 def test_lecam_and_whitelist_reach_the_run(tmp_path):

@@ -245,11 +245,14 @@ def test_stale_snapshot_temporaries_are_removed_and_nothing_else(tmp_path):
             'for w in open_writes:\n'
             '    f = w.__enter__(); f.write(b"partial"); f.flush()\n'
             'os._exit(1)\n' % str(tmp_path))
-    subprocess.run([sys.executable, '-c', code, 'network-snapshot-000004.pkl', 'log.txt'], cwd=REPO, check=False)
+    subprocess.run([sys.executable, '-c', code, 'network-snapshot-000004.pkl', 'fakes000004.png'], cwd=REPO, check=False)
     (tmp_path / 'network-snapshot-000003.pkl').write_bytes(b'complete')
+    (tmp_path / 'log.txt').write_text('kept')
     leftovers = sorted(os.listdir(tmp_path))
-    assert len(leftovers) == 3 and sum(n.startswith('.tmp-network-snapshot-000004.pkl') for n in leftovers) == 1
+    assert len(leftovers) == 4 and sum(n.startswith('.tmp-network-snapshot-000004.pkl') for n in leftovers) == 1
     from stylegan2ada.util import remove_stale_temp_files
     remove_stale_temp_files(tmp_path, 'network-snapshot-')
     assert sorted(os.listdir(tmp_path)) == [n for n in leftovers if not n.startswith('.tmp-network-snapshot-')]
+    remove_stale_temp_files(tmp_path, '')          # what the training loop does: every temporary of its run folder
+    assert sorted(os.listdir(tmp_path)) == ['log.txt', 'network-snapshot-000003.pkl']
     assert (tmp_path / 'network-snapshot-000003.pkl').read_bytes() == b'complete'

@@ -137,11 +137,12 @@ def test_ada_adjust_moves_p_one_step_towards_the_target(sign_sum, target, expect
 
 
 def test_bench_script_runs_and_writes_its_doc_section(tmp_path):
-    # `make bench-gpu DEVICE=cpu` in small: the tiny preset, two probabilities, a profile; the section is replaced in place.
+    # `make bench-gpu DEVICE=cpu` in small: the tiny preset, two probabilities, eager and the graphs' CPU model, a
+    # profile; the section is replaced in place.
     doc = tmp_path / 'benchmarks.md'
     doc.write_text('# Benchmarks\n\nintro\n')
     cmd = [sys.executable, os.path.join(REPO, 'bench', 'train_step.py'), '--preset', 'tiny', '--p', '0,0.5', '--iters', '2',
-           '--profile', '1', '--profile-rows', '5', '--doc', str(doc), '--threads', '1']
+           '--graphs', 'off,oplog', '--check-graphs', '17', '--profile', '1', '--profile-rows', '5', '--doc', str(doc), '--threads', '1']
     for _ in range(2):
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -150,5 +151,11 @@ def test_bench_script_runs_and_writes_its_doc_section(tmp_path):
     text = doc.read_text()
     assert text.startswith('# Benchmarks\n\nintro\n')
     assert text.count('<!-- bench-train-step:cpu:begin -->') == 1 and text.count('<!-- bench-train-step:cpu:end -->') == 1
-    assert '| 0 |' in text and '| 0.5 |' in text and 'Augmentation overhead against p = 0' in text
-    assert 'Profile at p = 0.5 (1 iterations' in text
+    assert all(f'| {mode} | {p} |' in text for mode in ('off', 'oplog') for p in ('0', '0.5'))
+    assert 'Augmentation overhead against p = 0 (time per image), graphs off: p = 0.5:' in text
+    assert 'Graphs against eager (images/s ratio): oplog at p = 0: x' in text
+    assert 'Profile at p = 0.5, graphs off (1 iterations' in text
+    assert result.stdout.count('Op-log graph of phase ') == 4 + 4     # every phase captured: warm-up, then the check
+    # The graphs' model trains exactly as eager training does, through the benchmark's own iteration too.
+    assert ('Graphs oplog against eager after 17 iterations from the same seed at p = 0.5, largest relative difference of '
+            'any tensor: G 0.00e+00, D 0.00e+00, G_ema 0.00e+00.') in text
