@@ -53,11 +53,11 @@ AUGPIPE_PRESETS = ('blit', 'geom', 'color', 'filter', 'noise', 'cutout', 'bg', '
 # pickle it starts from (networks of other sizes would take only some of its tensors and train the rest from noise).
 SIZE_OPTIONS = ('zdim', 'map', 'cbase', 'cmax', 'fp32', 'cond')
 
-# When a run is continued, these describe the new invocation (where, from what, which data file) ...
-CONTINUE_INVOCATION = ('outdir', 'run_dir', 'data', 'resume', 'resume_mode', 'resume_partial', 'dry_run')
+# When a run is continued, these describe the new invocation (where, from what, which data file, and --cuda-graphs,
+# which needs the machine it runs on: a run continued elsewhere must not inherit it) ...
+CONTINUE_INVOCATION = ('outdir', 'run_dir', 'data', 'resume', 'resume_mode', 'resume_partial', 'dry_run', 'cuda_graphs')
 # ... these may be given anew (its length, what is reported, how fast it runs), else they stay as the run had them ...
-CONTINUE_MAY_CHANGE = ('kimg', 'snap', 'tick', 'metrics', 'detector', 'device', 'workers', 'nobench', 'allow_tf32',
-                       'cuda_graphs')
+CONTINUE_MAY_CHANGE = ('kimg', 'snap', 'tick', 'metrics', 'detector', 'device', 'workers', 'nobench', 'allow_tf32')
 # ... and every other one comes from the snapshot: giving it with another value is an error.
 
 

@@ -192,6 +192,11 @@ def test_continued_run_keeps_its_settings(tmp_path):
     resumed = load_network_pkl(second / 'network-snapshot-000000.pkl')['progress']['loss']['extra_d_terms']['lecam']
     assert int(resumed['num_updates']) == int(saved_ema['num_updates']) + 2    # 8 more images in batches of 4
 
+    # --cuda-graphs belongs to the machine running the command: a run started with it continues on a CPU without it.
+    saved = dict(original['options'], cuda_graphs=True, device='cuda')
+    continued = training.continued_options(training.TrainingOptions(device='cpu'), saved, given={'device'}, source='snap.pkl')
+    assert continued.cuda_graphs is False and continued.device == 'cpu' and continued.lecam_weight == 0.5
+
     # Another value for a setting that shapes the training is refused in one line; a longer --kimg is fine.
     result = CliRunner().invoke(train.main, ['--run-dir', str(first), '--lecam-weight', '0.1', '--kimg', '0.016', *start])
     assert result.exit_code == 1 and result.output.count('\n') == 1, result.output
