@@ -469,6 +469,19 @@ def test_out_of_memory_is_raised_not_memoized(monkeypatch):
     assert upfirdn2d_module._triton_kernels(True).failure is None
 
 
+def test_failure_while_a_cuda_graph_is_captured_is_raised_not_memoized(monkeypatch):
+    # A launch that fails inside a CUDA graph capture fails the capture (the phase then runs eagerly); it must not switch
+    # the op to the slow path for the rest of the run.
+    monkeypatch.setattr(upfirdn2d_module, '_build_triton_kernel', _failing_build)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'is_current_stream_capturing', lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        with pytest.raises(RuntimeError, match='sm_999'):
+            ops.upfirdn2d(torch.zeros(1, 1, 4, 4), F1331, padding=2, impl='triton')
+    assert upfirdn2d_module._triton_kernels(True).failure is None
+
+
 def test_launch_failure_falls_back_to_fast(monkeypatch):
     class Unlaunchable:
         def __getitem__(self, grid):

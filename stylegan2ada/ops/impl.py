@@ -102,6 +102,11 @@ def choose_impl(
     return impl
 
 
+def _capturing_cuda_graph():
+    """Whether the current CUDA stream is being captured into a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class TritonKernels:
     """One op's Triton kernels: built on first use; after the first failure to build or launch them, the fast path."""
 
@@ -129,6 +134,8 @@ class TritonKernels:
             except torch.cuda.OutOfMemoryError:
                 raise                       # not Triton's fault: the fast path would need the memory too
             except Exception as error:  # any compile/driver/launch error: training must go on, on the torch path
+                if _capturing_cuda_graph():
+                    raise                   # the graph's capture failed, not Triton: it runs eagerly, on these kernels
                 lines = str(error).strip().splitlines()
                 self.failure = f'{type(error).__name__}: {lines[0] if lines else ""}'.strip().rstrip(':')
                 warnings.warn(f"{self.op}: Triton kernel failed ({self.failure}); using the 'fast' path from now on",
