@@ -58,19 +58,21 @@ bench-gpu: $(if $(filter command line,$(origin PY)),,$(STAMP))
 	$(PY) bench/train_step.py --preset $(BENCH_PRESET) --device $(DEVICE) --p 0,0.2,0.6 --graphs $(BENCH_GRAPHS) \
 		--iters 16 --repeats 3 --profile 4 --check-graphs 34 --doc docs/benchmarks.md
 
-# Everything a session with a GPU checks, in one go (PY=python3 on a machine without a registry): the op paths on CUDA
-# against each other and NVIDIA's golden images, make bench-gpu, then train.py --cfg auto at 256 px on the demo
-# collection's Calanoida (DEMO_SCALE=0.5: 432 images) for GPU_CHECK_KIMG, eagerly and with --cuda-graphs, into
-# GPU_CHECK_DIR (each log.txt has the sec/kimg and gpumem of every tick). Copy docs/benchmarks.md and the two
-# log.txt files out of the machine afterwards.
+# Everything a session with a GPU checks, in one go (PY=python3 on a machine without a registry; about 7 minutes): the
+# op paths on CUDA against each other and NVIDIA's golden images, make bench-gpu, the same at p = 0.2 with channels_last
+# fp16 layers (--nhwc), then train.py --cfg auto at 256 px on the demo collection's Calanoida (DEMO_SCALE=0.5: 432
+# images) for GPU_CHECK_KIMG, eagerly and with --cuda-graphs. Copy docs/benchmarks.md and GPU_CHECK_DIR (the nhwc
+# benchmark's output, each run's log.txt with the sec/kimg and gpumem of every tick) out of the machine afterwards.
 GPU_CHECK_DIR  ?= runs/gpu-check
 GPU_CHECK_KIMG ?= 3
 GPU_CHECK_DATA := datasets/demo-0.5-256px
 gpu-check: $(if $(filter command line,$(origin PY)),,$(STAMP))
-	$(PY) bench/cuda_parity.py
+	rm -rf $(GPU_CHECK_DIR) && mkdir -p $(GPU_CHECK_DIR)
+	$(PY) bench/cuda_parity.py > $(GPU_CHECK_DIR)/cuda-parity.txt 2>&1; s=$$?; cat $(GPU_CHECK_DIR)/cuda-parity.txt; exit $$s
 	$(MAKE) --no-print-directory bench-gpu PY=$(PY)
+	$(PY) bench/train_step.py --preset auto256 --device cuda --p 0.2 --graphs off,cuda --nhwc --iters 16 --repeats 3 \
+		> $(GPU_CHECK_DIR)/bench-nhwc.txt 2>&1; s=$$?; cat $(GPU_CHECK_DIR)/bench-nhwc.txt; exit $$s
 	$(MAKE) --no-print-directory datasets SCALE=paper DEMO_SCALE=0.5 PY=$(PY)
-	rm -rf $(GPU_CHECK_DIR)
 	for graphs in eager cuda-graphs; do \
 		$(PY) train.py --run-dir $(GPU_CHECK_DIR)/$$graphs --data $(GPU_CHECK_DATA)/Calanoida.zip --cfg auto --gpus 1 \
 			--kimg $(GPU_CHECK_KIMG) --tick 0.5 --snap 100 --metrics none $$(test $$graphs = eager || echo --cuda-graphs) || exit 1; \

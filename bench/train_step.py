@@ -65,10 +65,11 @@ def build_training_state(c, device, graphs='off'):
     torch.manual_seed(c['seed'])
     common = dict(c_dim=0, img_resolution=c['res'], img_channels=3)
     sizes = dict(channel_base=c['cbase'], channel_max=c['cmax'], num_fp16_res=c['fp16_res'], conv_clamp=c['conv_clamp'])
-    G = Generator(z_dim=c['zdim'], w_dim=c['zdim'], mapping_kwargs=dict(num_layers=c['map']), synthesis_kwargs=sizes,
+    nhwc = dict(fp16_channels_last=True) if c['nhwc'] else {}       # train.py --nhwc
+    G = Generator(z_dim=c['zdim'], w_dim=c['zdim'], mapping_kwargs=dict(num_layers=c['map']), synthesis_kwargs=dict(sizes, **nhwc),
                   **common).train().requires_grad_(False).to(device)
-    D = Discriminator(architecture='resnet', epilogue_kwargs=dict(mbstd_group_size=min(c['mbstd'], c['batch'])), **sizes,
-                      **common).train().requires_grad_(False).to(device)
+    D = Discriminator(architecture='resnet', epilogue_kwargs=dict(mbstd_group_size=min(c['mbstd'], c['batch'])), block_kwargs=nhwc,
+                      **sizes, **common).train().requires_grad_(False).to(device)
     G_ema = copy.deepcopy(G).eval()
     augment_pipe = AugmentPipe(**AUGMENT_PRESETS[c['augpipe']]).train().requires_grad_(False).to(device)
     stats = StatsCollector()
@@ -204,7 +205,7 @@ def format_doc_section(c, device, rows, syncs, profile, parity):
     lines = [
         f'Measured {datetime.date.today().isoformat()} by `make bench-gpu` on {device_description(device)}: preset '
         f'`{c["preset"]}` ({c["res"]} px, batch {c["batch"]}, channel_base {c["cbase"]}, channel_max {c["cmax"]}, '
-        f'fp16 on {c["fp16_res"]} resolutions, conv_clamp {c["conv_clamp"]}, r1_gamma {c["gamma"]:g}, pl_weight '
+        f'fp16 on {c["fp16_res"]} resolutions{" (channels_last)" if c["nhwc"] else ""}, conv_clamp {c["conv_clamp"]}, r1_gamma {c["gamma"]:g}, pl_weight '
         f'{c["pl_weight"]:g}, {c["augpipe"]} pipe, ops impl {c["impl"]}), {c["repeats"]} x {c["iters"]} timed iterations '
         f'after one warm-up ({GRAPH_WARMUP_ITERS} with graphs: until every phase is captured), median.',
         '',
@@ -338,6 +339,7 @@ def run_benchmark(c):
 @click.option('--augpipe',      help='Augmentation preset', type=click.Choice(sorted(AUGMENT_PRESETS)), default=COMMON['augpipe'], show_default=True)
 # Performance-related.
 @click.option('--impl',         help="Ops: 'auto' = each op's default for the device, or one path for every op", type=click.Choice(['auto', 'ref', 'fast', 'triton']), default='auto', show_default=True)
+@click.option('--nhwc/--no-nhwc', help='channels_last for the fp16 layers (train.py --nhwc)', default=False, show_default=True)
 @click.option('--device',       help='Torch device', metavar='STR', type=str, default='cpu', show_default=True)
 @click.option('--threads',      help='torch.set_num_threads [default: torch default]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--seed',         help='Random seed', metavar='INT', type=int, default=0, show_default=True)
@@ -367,7 +369,7 @@ def main(**kwargs):
         torch.set_num_threads(c['threads'])
     np.random.seed(c['seed'])
     print(f'preset={c["preset"]} res={c["res"]} batch={c["batch"]} iters={c["iters"]} repeats={c["repeats"]} cbase={c["cbase"]} '
-          f'cmax={c["cmax"]} fp16_res={c["fp16_res"]} conv_clamp={c["conv_clamp"]} p={",".join(f"{p:g}" for p in c["p"])} '
+          f'cmax={c["cmax"]} fp16_res={c["fp16_res"]} nhwc={c["nhwc"]} conv_clamp={c["conv_clamp"]} p={",".join(f"{p:g}" for p in c["p"])} '
           f'impl={c["impl"]} graphs={",".join(c["graphs"])} device={device} threads={torch.get_num_threads()} torch={torch.__version__}', flush=True)
     with default_impl(None if c['impl'] == 'auto' else c['impl']):
         rows, syncs, profile = run_benchmark(c)
