@@ -236,18 +236,22 @@ def test_tiny_training_lowers_d_loss():
     assert after < before - 0.4
 
 
-def test_training_loop_trains_dcgan_with_its_defaults(tmp_path):
-    data = write_zip(tmp_path / 'd.zip', num_images=4, resolution=32, channels=1)
+def _dcgan_loop_kwargs(data, run_dir, **overrides):
     d = DCGAN_DEFAULTS
-    kwargs = tiny_loop_kwargs(
-        data, tmp_path / 'run',
+    return tiny_loop_kwargs(
+        data, run_dir,
         G_class=f'{DCGANGenerator.__module__}.{DCGANGenerator.__qualname__}',
         D_class=f'{DCGANDiscriminator.__module__}.{DCGANDiscriminator.__qualname__}',
         G_kwargs=dict(z_dim=8, ngf=2), D_kwargs=dict(ndf=2), G_opt_kwargs=dict(d['G_opt']), D_opt_kwargs=dict(d['D_opt']),
         loss_kwargs=dict(r1_gamma=d['r1_gamma'], pl_weight=d['pl_weight'], style_mixing_prob=d['style_mixing_prob']),
         ema_kimg=d['ema_kimg'], ema_rampup=None, G_reg_interval=None, D_reg_interval=None,
-        augment_kwargs=None, augment_p=0, ada_target=None, total_kimg=0.008, kimg_per_tick=0.004, image_snapshot_ticks=None)
-    snap = load_network_pkl(training_loop(**kwargs))
+        **{**dict(augment_kwargs=None, augment_p=0, ada_target=None, total_kimg=0.008, kimg_per_tick=0.004,
+                  image_snapshot_ticks=None), **overrides})
+
+
+def test_training_loop_trains_dcgan_with_its_defaults(tmp_path):
+    data = write_zip(tmp_path / 'd.zip', num_images=4, resolution=32, channels=1)
+    snap = load_network_pkl(training_loop(**_dcgan_loop_kwargs(data, tmp_path / 'run')))
     assert isinstance(snap['G'], DCGANGenerator) and isinstance(snap['D'], DCGANDiscriminator)
     assert snap['G'].img_resolution == 32 and snap['G'].img_channels == 1
     init = DCGANGenerator(**snap['G'].init_kwargs)
@@ -255,3 +259,23 @@ def test_training_loop_trains_dcgan_with_its_defaults(tmp_path):
     for (name, x), y in zip(snap['G'].state_dict().items(), snap['G_ema'].state_dict().values()):
         assert torch.equal(x, y), name                                  # ema_kimg 0: G_ema = G
     assert generate_images(snap['G_ema'], seeds=[0]).shape == (1, 1, 32, 32)
+
+
+def test_dcgan_trains_through_oplog_graphs_exactly_as_eagerly(tmp_path):
+    # Gboth/Dboth phases (no lazy regularization) and batch-norm running statistics updated in place: 6 iterations, so
+    # each phase runs eagerly, is captured, then replayed 4 times.
+    data = write_zip(tmp_path / 'd.zip', num_images=4, resolution=32, channels=1)
+    snapshots = {}
+    for name, graphs in [('eager', None), ('graphs', 'oplog')]:
+        kwargs = _dcgan_loop_kwargs(data, tmp_path / name, phase_graphs=graphs, total_kimg=0.024, kimg_per_tick=0.024)
+        snapshots[name] = load_network_pkl(training_loop(**kwargs))
+    a, b = snapshots['eager'], snapshots['graphs']
+    assert a['progress']['cur_nimg'] == b['progress']['cur_nimg'] == 24
+    assert any(key.endswith('running_mean') for key in a['G'].state_dict())  # batch-norm statistics compared too
+    for name in ('G', 'D', 'G_ema'):
+        state_a, state_b = a[name].state_dict(), b[name].state_dict()
+        for key in state_a:
+            assert torch.equal(state_a[key], state_b[key]), f'{name}.{key} differs'
+    log = (tmp_path / 'graphs' / 'log.txt').read_text()
+    captured = [line for line in log.splitlines() if line.startswith('Op-log graph of phase ')]
+    assert captured == ['Op-log graph of phase Gboth captured', 'Op-log graph of phase Dboth captured']
