@@ -1,4 +1,4 @@
-# The paper's experiments as make targets (included by the Makefile, which defines PY and STAMP).
+# The paper's experiments as make targets (included by the Makefile, which defines PY and INSTALLED).
 #
 #   make demo                     demo collection -> datasets -> descending plan for the four orders -> table, grids, curves
 #   make datasets [DATA=...]      per-taxon datasets of a collection (folder tree, BOLD or EcoTaxa export); default: the demo one
@@ -89,38 +89,38 @@ TABLE1 = $(RUN_ENV) $(PY) train_hier.py --datasets $(DATASETS) --method direct -
 # Longer than the smoke stages: at 40 kimg the 32 px Copepoda network draws bodies and appendages, at 16 only blobs.
 DEMO_KIMG_PARENT ?= 40
 DEMO_KIMG_CHILD  ?= 8
-demo: | $(STAMP)
+demo: | $(INSTALLED)
 	$(MAKE) --no-print-directory copepoda-descending SCALE=smoke DATA= COPEPODA_DIR=$(DEMO_DIR) \
 		KIMG_PARENT=$(DEMO_KIMG_PARENT) KIMG_CHILD=$(DEMO_KIMG_CHILD)
 	@echo "demo: $(DEMO_DIR)/table.md, $(DEMO_DIR)/overview.png, $(DEMO_DIR)/grid-*.png, $(DEMO_DIR)/curves.png"
 
-demo_collection/scale-%/demo_collection.json: | $(STAMP)
+demo_collection/scale-%/demo_collection.json: | $(INSTALLED)
 	$(PY) -m taxogan_ext.demo_data --out demo_collection/scale-$* --scale $*
 
-$(MANIFEST): $(COLLECTION_DEP) | $(STAMP)
+$(MANIFEST): $(COLLECTION_DEP) | $(INSTALLED)
 	$(PY) dataset_tool_ext.py build --source $(COLLECTION) --dest $(DATASETS) --resolution $(RES) --ranks $(RANKS) $(BUILD_ARGS)
 
 # Always rebuilds (the zips come out byte-identical when nothing changed, so no stage reruns for nothing).
-datasets: $(COLLECTION_DEP) | $(STAMP)
+datasets: $(COLLECTION_DEP) | $(INSTALLED)
 	$(PY) dataset_tool_ext.py build --source $(COLLECTION) --dest $(DATASETS) --resolution $(RES) --ranks $(RANKS) $(BUILD_ARGS)
 
 $(TAXON_DETECTOR): $(MANIFEST)
 	$(RUN_ENV) $(PY) calc_metrics.py train-detector --data $(DATASETS) --out $@ $(DETECTOR_ARGS)
 
-copepoda-direct: $(MANIFEST) $(DETECTOR_DEP) | $(STAMP)
+copepoda-direct: $(MANIFEST) $(DETECTOR_DEP) | $(INSTALLED)
 	$(HIER) --method direct --targets $(TARGETS) --lecam-weight $(LECAM) --outdir $(COPEPODA_DIR)
 
-copepoda-lateral: $(MANIFEST) $(DETECTOR_DEP) | $(STAMP)
+copepoda-lateral: $(MANIFEST) $(DETECTOR_DEP) | $(INSTALLED)
 	$(HIER) --method lateral --targets $(TARGETS) --lecam-weight $(LECAM) --outdir $(COPEPODA_DIR)
 
-copepoda-descending: $(MANIFEST) $(DETECTOR_DEP) | $(STAMP)
+copepoda-descending: $(MANIFEST) $(DETECTOR_DEP) | $(INSTALLED)
 	$(HIER) --method descending --targets $(TARGETS) --lecam-weight $(LECAM) --outdir $(COPEPODA_DIR)
 
 # Table 2: the three methods share one experiment folder, so stages already trained by the copepoda-* targets are reused.
-table2: $(MANIFEST) $(DETECTOR_DEP) | $(STAMP)
+table2: $(MANIFEST) $(DETECTOR_DEP) | $(INSTALLED)
 	$(HIER) --method direct,lateral,descending --targets $(TARGETS) --lecam-weight $(LECAM) --outdir $(COPEPODA_DIR)
 
-table1: $(MANIFEST) $(DETECTOR_DEP) | $(STAMP)
+table1: $(MANIFEST) $(DETECTOR_DEP) | $(INSTALLED)
 	$(TABLE1) --outdir $(TABLE1_DIR)/dcgan --model dcgan
 	$(TABLE1) --outdir $(TABLE1_DIR)/stylegan2 --aug noaug
 	$(TABLE1) --outdir $(TABLE1_DIR)/stylegan2-ada
@@ -131,7 +131,7 @@ table1: $(MANIFEST) $(DETECTOR_DEP) | $(STAMP)
 # real images held out of every training zip (parent included); each method's four networks then give cas_taxon and
 # gain_taxon on those held-out images. At smoke scale the per-stage metrics are left out: the smoke detector is trained
 # on all real images, the held-out ones included.
-table3: $(MANIFEST) | $(STAMP)
+table3: $(MANIFEST) | $(INSTALLED)
 	$(RUN_ENV) $(PY) train_hier.py --datasets $(DATASETS) --parent $(PARENT) --method direct,lateral,descending \
 		--targets $(TARGETS) --holdout $(HOLDOUT) --metrics $(TABLE3_METRICS) \
 		--kimg-parent $(KIMG_PARENT) --kimg-child $(KIMG_CHILD) --lecam-weight $(LECAM) $(UTILITY_ARGS) $(NET_ARGS) \

@@ -1,35 +1,96 @@
-"""Parity on a GPU: the ref, fast and Triton op paths on CUDA with the golden networks (images, logits, R1 and its gradient), and against NVIDIA's golden images.
+"""Parity of the op paths on a device: each path's networks against NVIDIA's golden outputs and against the ref path.
 
-Usage: python bench/cuda_parity.py   (env DEV=cuda|cpu, IMPLS=ref,fast,triton)"""
-import json, sys, time, torch, numpy as np
-sys.path.insert(0, '.')
-from stylegan2ada.networks import Generator, Discriminator
-from stylegan2ada.ops import default_impl
-torch.backends.cuda.matmul.allow_tf32 = False; torch.backends.cudnn.allow_tf32 = False
-spec = json.load(open('tests/data/golden/golden.json'))
-import os; dev = torch.device(os.environ.get('DEV', 'cuda')); IMPLS = os.environ.get('IMPLS', 'ref,fast,triton').split(',')
-for case in ('g64_uncond', 'g32_cond4'):
-    kw = spec[case] if case in spec else spec['cases'][case]
-    data = np.load(f'tests/data/golden/{case}.npz')
-    split = {'G.': {}, 'D.': {}, 'io.': {}}
-    for k in data.files:
-        for p, o in split.items():
-            if k.startswith(p): o[k[len(p):]] = torch.from_numpy(data[k].copy())
-    G = Generator(**kw['G_kwargs']).to(dev); G.load_state_dict(split['G.']); G.eval()
-    D = Discriminator(**kw['D_kwargs']).to(dev); D.load_state_dict(split['D.'])
-    io = {k: v.to(dev) for k, v in split['io.'].items()}
-    out = {}
-    for impl in IMPLS:
-        with default_impl(impl):
-            img = G(io['z'], io['c'], noise_mode='const')
-            x = io['d_in'].clone().requires_grad_()
-            logits = D(x, io['c'])
-            g, = torch.autograd.grad(logits.sum(), x, create_graph=True)
-            r1 = g.square().sum()
-            gw, = torch.autograd.grad(r1, D.b4.out.weight)
-        out[impl] = (img.detach(), logits.detach(), r1.detach(), gw.detach())
-    for impl in IMPLS[1:]:
-        errs = [float((a - b).abs().max() / b.abs().max()) for a, b in zip(out[impl], out['ref'])]
-        print(f'{case} {impl} vs ref on {dev}: img {errs[0]:.2e} logits {errs[1]:.2e} r1 {errs[2]:.2e} dR1/dw {errs[3]:.2e}')
-    gold = float((out[IMPLS[-1]][0].cpu() - split['io.']['img_psi1']).abs().max() / split['io.']['img_psi1'].abs().max())
-    print(f'{case} {IMPLS[-1]} img vs NVIDIA golden img_psi1: {gold:.2e}')
+For every golden case with a discriminator (tests/data/golden), with TF32 off: G's image (noise 'const', psi 1), D's
+logits, R1 (D's input gradient, squared and summed) and the gradient of R1 with respect to D's last weight (a double
+backward through all of D). Each path is compared with the golden tensors (as the CPU tests do, on this device) and the
+non-ref paths also with the ref path on the same device. Exits with status 1 when an error exceeds --tol.
+
+Examples:
+    python bench/cuda_parity.py                                   # CUDA, paths ref, fast, triton
+    python bench/cuda_parity.py --device cpu --impls ref,fast     # the same check on the CPU (what the test runs)
+"""
+
+import json
+import os
+import sys
+
+import click
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from stylegan2ada.networks import Discriminator, Generator  # noqa: E402
+from stylegan2ada.ops import IMPL_CHOICES, default_impl  # noqa: E402
+
+GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests', 'data', 'golden')
+CASES = ('g64_uncond', 'g32_cond4')
+OUTPUTS = ('img_psi1', 'd_logits', 'd_r1', 'd_r1_grad_b4_out_weight')
+
+
+def load_case(case, spec, device):
+    """G and D of one golden case on `device`, and its io tensors."""
+    data = np.load(os.path.join(GOLDEN_DIR, f'{case}.npz'))
+    parts = {prefix: {k[len(prefix):]: torch.from_numpy(data[k].copy()) for k in data.files if k.startswith(prefix)}
+             for prefix in ('G.', 'D.', 'io.')}
+    G = Generator(**spec['G_kwargs']).eval().to(device)
+    D = Discriminator(**spec['D_kwargs']).eval().to(device)
+    G.load_state_dict(parts['G.'], strict=True)
+    D.load_state_dict(parts['D.'], strict=True)
+    return G, D, {k: v.to(device) for k, v in parts['io.'].items()}
+
+
+def outputs(G, D, io, impl):
+    """The OUTPUTS of one op path, detached, in that order."""
+    with default_impl(impl):
+        img = G(io['z'], io['c'], noise_mode='const')
+        x = io['d_in'].clone().requires_grad_(True)
+        logits = D(x, io['c'])
+        grad_x, = torch.autograd.grad(logits.sum(), x, create_graph=True)
+        r1 = grad_x.square().sum()
+        grad_w, = torch.autograd.grad(r1, D.b4.out.weight)
+    return dict(zip(OUTPUTS, (t.detach() for t in (img, logits, r1, grad_w))))
+
+
+def rel_error(actual, expected):
+    """max |actual - expected| / max |expected|, on the CPU in float64."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-30))
+
+
+@click.command()
+@click.option('--device', help='Torch device',                           metavar='STR',  type=str, default='cuda', show_default=True)
+@click.option('--impls',  help='Op paths, comma-separated (first = the reference)', metavar='LIST', type=str, default='ref,fast,triton', show_default=True)
+@click.option('--tol',    help='Largest relative error that passes',    metavar='FLOAT', type=click.FloatRange(min=0), default=1e-4, show_default=True)
+def main(device, impls, tol):
+    """Compare the op paths with NVIDIA's golden outputs and with each other; exit 1 above --tol."""
+    impls = [impl.strip() for impl in impls.split(',') if impl.strip()]
+    unknown = sorted(set(impls) - set(IMPL_CHOICES))
+    if not impls or unknown:
+        raise click.ClickException(f'--impls {",".join(impls)}: choose from {",".join(IMPL_CHOICES)}')
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise click.ClickException(f'--device {device}: {str(error).splitlines()[0]}')
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    with open(os.path.join(GOLDEN_DIR, 'golden.json')) as f:
+        spec = json.load(f)['cases']
+    worst = 0.0
+    for case in CASES:
+        G, D, io = load_case(case, spec[case], device)
+        results = {impl: outputs(G, D, io, impl) for impl in impls}
+        for impl in impls:
+            against = [('NVIDIA golden', io)] + ([(f'{impls[0]} on {device}', results[impls[0]])] if impl != impls[0] else [])
+            for name, reference in against:
+                errors = {key: rel_error(results[impl][key], reference[key]) for key in OUTPUTS}
+                worst = max(worst, *errors.values())
+                print(f'{case} {impl:6s} vs {name:16s} ' + ' '.join(f'{k} {v:.2e}' for k, v in errors.items()))
+    verdict = 'ok' if worst <= tol else 'FAILED'
+    print(f'largest relative error {worst:.2e} (tolerance {tol:.0e}): {verdict}')
+    if worst > tol:
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    main()  # pylint: disable=no-value-for-parameter

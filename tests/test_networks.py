@@ -1,6 +1,9 @@
 """Generator and Discriminator against NVIDIA's golden outputs, plus structural invariants."""
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from stylegan2ada.ops import default_impl
 from conftest import load_golden_case, rel_error
 
 TOL = 1e-4
+REPO = Path(__file__).resolve().parent.parent
 CASES = ['g32_uncond', 'g32_cond4', 'g64_uncond']
 
 
@@ -165,3 +169,18 @@ def test_fp16_channels_last_blocks_run_in_fp32_on_cpu_and_match_golden(golden_sp
     last = G.synthesis.b32.conv1.weight
     assert last.is_contiguous(memory_format=torch.channels_last) and not last.is_contiguous()
     assert rel_error(G(io['z'], io['c'], noise_mode='const'), io['img_psi1']) < TOL
+
+
+def test_gpu_parity_script_passes_on_cpu_and_fails_above_its_tolerance():
+    # bench/cuda_parity.py is the first step of `make gpu-check`; on the CPU it must give what the tests above give.
+    script = [sys.executable, str(REPO / 'bench' / 'cuda_parity.py'), '--device', 'cpu', '--impls', 'ref,fast']
+    passed = subprocess.run(script, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert passed.returncode == 0, passed.stderr
+    lines = passed.stdout.splitlines()
+    assert len(lines) == 7 and lines[-1].endswith(': ok')
+    errors = [float(value) for line in lines[:-1] for value in line.split()[-7::2]]
+    assert len(errors) == 24 and max(errors) < TOL
+    failed = subprocess.run(script + ['--tol', '1e-9'], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert failed.returncode == 1 and failed.stdout.splitlines()[-1].endswith(': FAILED')
+    refused = subprocess.run(script[:2] + ['--device', 'nonsense'], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert refused.returncode == 1 and refused.stderr.startswith('Error: --device nonsense')
