@@ -214,7 +214,8 @@ def format_doc_section(c, device, rows, syncs, profile, parity):
     ]
     for row in rows:
         reserved = f'{row["reserved"]:.2f}' if row['reserved'] is not None else '-'
-        lines.append(f'| {row["graphs"]} | {row["p"]:g} | {row["rate"]:.2f} | {1000 / row["rate"]:.2f} | {row["cpu"]:.3f} | '
+        graphs = row['graphs'] + (f' ({", ".join(row["failed"])} eager: capture failed)' if row.get('failed') else '')
+        lines.append(f'| {graphs} | {row["p"]:g} | {row["rate"]:.2f} | {1000 / row["rate"]:.2f} | {row["cpu"]:.3f} | '
                      f'{row["allocated"]:.2f} | {reserved} |')
     for mode in dict.fromkeys(row['graphs'] for row in rows):
         mode_rows = [row for row in rows if row['graphs'] == mode]
@@ -299,8 +300,9 @@ def run_benchmark(c):
             allocated, reserved = _peak_memory(device)
             rate = statistics.median(r for r, _ in results)
             cpu = statistics.median(t for _, t in results)
+            failed = sorted({name for name, _ in state['graphs'].failures}) if state['graphs'] is not None else []
             rows.append(dict(graphs=mode, p=p, rate=rate, cpu=cpu, allocated=allocated, reserved=reserved,
-                             repeats=[r for r, _ in results]))
+                             repeats=[r for r, _ in results], failed=failed))
             print(f'graphs={mode} p={p:g}: ' + ', '.join(f'{r:.3f}' for r, _ in results) + f' images/s (median {rate:.3f}, '
                   f'{1000 / rate:.2f} s/kimg, {cpu:.3f} CPU s/iteration), peak memory {allocated:.2f} GiB'
                   + (f' allocated, {reserved:.2f} GiB reserved' if reserved is not None else ' (process RSS)'), flush=True)
@@ -314,6 +316,10 @@ def run_benchmark(c):
             key, table = profile_iterations(state, c, device, batch_idx, c['profile'])
             profile = (key, table, p, mode)
             print(f'profile at p={p:g}, graphs {mode}, {c["profile"]} iterations, sorted by {key}:\n{table}', flush=True)
+        for (name, key), trace in (state['graphs'].failures.items() if state['graphs'] is not None else ()):
+            # The whole traceback, here only: what made a capture fail is rarely in its first line.
+            label = name + (f' ({", ".join(map(str, key))})' if key else '')
+            print(f'capture of phase {label} failed, graphs {mode}:\n{trace}', file=sys.stderr, flush=True)
         del state                                                   # the next mode's memory is measured alone
         if device.type == 'cuda':
             torch.cuda.empty_cache()

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import time
+import traceback
 
 import numpy as np
 import psutil
@@ -262,7 +263,7 @@ class PhaseGraphs:
         self._pool = None                   # CUDA: one memory pool for all phases (they replay one at a time)
         self._graphs = {}                   # (phase name, graph key) -> (graph, static inputs)
         self._eager_runs = {}               # (phase name, graph key) -> eager runs so far
-        self._failed = set()                # keys whose capture failed: eager for good
+        self.failures = {}                  # (phase name, graph key) -> traceback of its failed capture: eager for good
         if loss.augment_pipe is not None:
             loss.augment_pipe.skip_at_p0 = False    # p must be read from its tensor inside a graph, never as a float
 
@@ -275,7 +276,7 @@ class PhaseGraphs:
             graph, static = entry
             torch._foreach_copy_(static, inputs)
             return self._hand_out(graph.replay())
-        if key in self._failed or self._eager_runs.get(key, 0) < self.warmup:
+        if key in self.failures or self._eager_runs.get(key, 0) < self.warmup:
             self._eager_runs[key] = self._eager_runs.get(key, 0) + 1
             return run_phase(phase, self.loss, real_img, real_c, gen_z, gen_c, cur_nimg, num_gpus=1)
         static = [t.clone() for t in inputs]
@@ -292,12 +293,12 @@ class PhaseGraphs:
             if self.backend != 'cuda':
                 raise                       # the model backend exists to find such failures
             failure = err
+            self.failures[key] = traceback.format_exc()
         else:
             failure = None
         finally:
             self.loss.stats = stats
         if failure is not None:
-            self._failed.add(key)
             reason = str(failure).splitlines()[0] if str(failure) else ''
             self.log(f'CUDA graph of phase {phase["name"]} failed ({type(failure).__name__}: {reason}); running it eagerly')
             return run_phase(phase, self.loss, real_img, real_c, gen_z, gen_c, cur_nimg, num_gpus=1)

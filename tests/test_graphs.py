@@ -168,6 +168,10 @@ def test_a_failed_capture_runs_the_phase_eagerly_after_one_line(monkeypatch):
     # One line per phase (Gmain, Greg, Dmain, Dreg; Dmain twice: LeCam switches on), never a traceback.
     assert len(lines) == 5 and all(l.startswith('CUDA graph of phase ') and l.endswith('running it eagerly') for l in lines)
     assert 'RuntimeError: operation not permitted when stream is capturing)' in lines[0]
+    # The whole tracebacks are kept (bench/train_step.py prints them), one per failed (phase, graph key).
+    failures = fallback['runner'].failures
+    assert sorted(failures) == [('Dmain', ('lecam off',)), ('Dmain', ('lecam on',)), ('Dreg', ()), ('Gmain', ()), ('Greg', ())]
+    assert all(trace.startswith('Traceback') and trace.rstrip().endswith('details') for trace in failures.values())
 
 
 def test_extra_terms_without_graph_key_are_refused_for_graphs():

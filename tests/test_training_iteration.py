@@ -6,6 +6,7 @@ its queue). On the `meta` device tensors have shapes but no data, so any such re
 """
 
 import copy
+import importlib.util
 import os
 import subprocess
 import sys
@@ -159,3 +160,17 @@ def test_bench_script_runs_and_writes_its_doc_section(tmp_path):
     # The graphs' model trains exactly as eager training does, through the benchmark's own iteration too.
     assert ('Graphs oplog against eager after 17 iterations from the same seed at p = 0.5, largest relative difference of '
             'any tensor: G 0.00e+00, D 0.00e+00, G_ema 0.00e+00.') in text
+
+
+def test_bench_table_names_the_phases_whose_capture_failed():
+    # A graphs row whose phases partly ran eagerly must not pass for a graphs measurement.
+    spec = importlib.util.spec_from_file_location('bench_train_step', os.path.join(REPO, 'bench', 'train_step.py'))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    c = dict(bench.PRESETS['tiny'], **bench.COMMON, preset='tiny', nhwc=False, impl='auto', repeats=1, iters=2,
+             check_graphs=0, profile=0)
+    row = dict(p=0.2, rate=100.0, cpu=0.1, allocated=1.0, reserved=None)
+    rows = [dict(row, graphs='off', failed=[]), dict(row, graphs='cuda', failed=['Dreg', 'Gmain'])]
+    text = bench.format_doc_section(c, torch.device('cpu'), rows, syncs=None, profile=None, parity=None)
+    assert '| off | 0.2 | 100.00 | 10.00 |' in text
+    assert '| cuda (Dreg, Gmain eager: capture failed) | 0.2 | 100.00 | 10.00 |' in text
