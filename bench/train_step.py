@@ -45,7 +45,7 @@ from stylegan2ada.augment import PRESETS as AUGMENT_PRESETS, AugmentPipe  # noqa
 from stylegan2ada.loss import StyleGAN2Loss  # noqa: E402
 from stylegan2ada.networks import Discriminator, Generator  # noqa: E402
 from stylegan2ada.ops import default_impl  # noqa: E402
-from stylegan2ada.training_loop import LossWatch, PhaseGraphs, build_phases, run_phases, update_ema_  # noqa: E402
+from stylegan2ada.training_loop import LossWatch, PhaseGraphs, build_phases, graph_key_text, run_phases, update_ema_  # noqa: E402
 from stylegan2ada.training_stats import StatsCollector  # noqa: E402
 
 PRESETS = {
@@ -316,10 +316,9 @@ def run_benchmark(c):
             key, table = profile_iterations(state, c, device, batch_idx, c['profile'])
             profile = (key, table, p, mode)
             print(f'profile at p={p:g}, graphs {mode}, {c["profile"]} iterations, sorted by {key}:\n{table}', flush=True)
-        for (name, key), trace in (state['graphs'].failures.items() if state['graphs'] is not None else ()):
+        for (name, graph_key), trace in (state['graphs'].failures.items() if state['graphs'] is not None else ()):
             # The whole traceback, here only: what made a capture fail is rarely in its first line.
-            label = name + (f' ({", ".join(map(str, key))})' if key else '')
-            print(f'capture of phase {label} failed, graphs {mode}:\n{trace}', file=sys.stderr, flush=True)
+            print(f'capture of phase {name}{graph_key_text(graph_key)} failed, graphs {mode}:\n{trace}', file=sys.stderr, flush=True)
         del state                                                   # the next mode's memory is measured alone
         if device.type == 'cuda':
             torch.cuda.empty_cache()

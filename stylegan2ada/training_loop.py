@@ -292,19 +292,16 @@ class PhaseGraphs:
         except Exception as err:            # pylint: disable=broad-except  (any capture failure: run the phase eagerly)
             if self.backend != 'cuda':
                 raise                       # the model backend exists to find such failures
-            failure = err
             self.failures[key] = traceback.format_exc()
-        else:
-            failure = None
+            reason = str(err).splitlines()[0] if str(err) else ''
+            self.log(f'CUDA graph of phase {phase["name"]} failed ({type(err).__name__}: {reason}); running it eagerly')
         finally:
             self.loss.stats = stats
-        if failure is not None:
-            reason = str(failure).splitlines()[0] if str(failure) else ''
-            self.log(f'CUDA graph of phase {phase["name"]} failed ({type(failure).__name__}: {reason}); running it eagerly')
+        if key in self.failures:
             return run_phase(phase, self.loss, real_img, real_c, gen_z, gen_c, cur_nimg, num_gpus=1)
         self._graphs[key] = (graph, static)
         self.log(f'{"CUDA" if self.backend == "cuda" else "Op-log"} graph of phase {phase["name"]} captured'
-                 + (f' ({", ".join(map(str, key[1]))})' if key[1] else ''))
+                 + graph_key_text(key[1]))
         return self._hand_out(result)
 
     def _hand_out(self, result):
@@ -317,6 +314,11 @@ class PhaseGraphs:
             for name, value in reports:
                 self.loss.stats.report(name, copies.get(id(value), value))
         return [{name: copies[id(value)] for name, value in losses.items()} for losses in rounds]
+
+
+def graph_key_text(graph_key):
+    """' (lecam on)' for a loss.graph_key() value, '' for the empty one: what tells a phase's graphs apart."""
+    return f' ({", ".join(map(str, graph_key))})' if graph_key else ''
 
 
 class _ReportRecorder:

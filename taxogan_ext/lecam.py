@@ -84,7 +84,6 @@ class LeCamRegularizer:
         """The host-side choice that changes this term's ops (whether it is active): one CUDA graph per value."""
         return f'{self.name} {"on" if self.is_active(cur_nimg) else "off"}'
 
-
     def update_ema(self, real_logits, gen_logits):
         """Move the EMAs towards this step's batch means (averaged over ranks); returns the means [2]."""
         means = _global_means(real_logits, gen_logits)
