@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.taxogan-installed
 # (a GPU machine's own CUDA torch, without a registry to install from).
 INSTALLED := $(if $(filter command line,$(origin PY)),,$(STAMP))
 
-.PHONY: install test generate bench bench-gpu gpu-check clean
+.PHONY: install test mutants generate bench bench-gpu gpu-check clean
 
 install: $(STAMP)
 
@@ -22,6 +22,11 @@ $(STAMP): pyproject.toml
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q
+
+# Mutation check (not part of make test; minutes): each planted one-line bug of tests/mutants.py, one at a time in a
+# copy of the tree, must make the tests that cover its code fail. Prints caught / missed and fails on a miss.
+mutants: $(INSTALLED)
+	$(PY) tests/mutants.py
 
 # One grid from a freshly initialised 32 px network (a smoke check of generate.py).
 generate: $(INSTALLED)

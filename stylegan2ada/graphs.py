@@ -48,6 +48,7 @@ class CudaGraph:
         self._pool = pool
         self._graph = torch.cuda.CUDAGraph()
         self._result = None
+        self.num_replays = 0                # replays after the capture (tests and benchmarks check graphs really ran)
 
     def capture(self, fn):
         """Record fn's kernels (capture runs nothing), then replay them once; returns fn's result tensors."""
@@ -59,6 +60,7 @@ class CudaGraph:
     def replay(self):
         """Run the recorded kernels again; the returned tensors (the same ones each time) hold this run's values."""
         self._graph.replay()
+        self.num_replays += 1
         return self._result
 
 
@@ -119,6 +121,7 @@ class OpLogGraph:
         self._ops = None
         self._devices = set()
         self._result = None                 # (spec, references) of fn's result
+        self.num_replays = 0                # replays after the capture (as CudaGraph counts them)
 
     def capture(self, fn):
         """Run fn once, recording its ops; returns its result."""
@@ -138,6 +141,7 @@ class OpLogGraph:
 
     def replay(self):
         """Rerun the recorded ops on the current values of external tensors; returns this run's result."""
+        self.num_replays += 1
         made = []
         with torch.no_grad():               # the recorded ops include the backward ones: replay them as plain kernels
             for func, spec, refs in self._ops:

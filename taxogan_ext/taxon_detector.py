@@ -272,7 +272,7 @@ def class_weights(
     """Inverse-frequency weights [K] (a 150-image order counts as much as a 900-image one); DetectorError for an empty class."""
     counts = torch.bincount(train_labels, minlength=len(class_names)).to(torch.float32)
     if (counts == 0).any():
-        empty = [class_names[k] for k in torch.flatnonzero(counts == 0).tolist()]
+        empty = [class_names[k] for k in torch.nonzero(counts == 0).flatten().tolist()]
         raise DetectorError(f'{data}: no training images for {", ".join(empty)}')
     return counts.sum() / (len(class_names) * counts)
 

@@ -113,19 +113,27 @@ def test_p0_is_exact_identity():
     assert torch.equal(make_pipe(0.7)(x), x)                        # nothing enabled
 
 
-def test_probability_is_p_times_multiplier():
+def _pipe_p_read(pipe, p_as_tensor):
+    """p read as a float on the host (CPU training) or as a device tensor (GPU, CUDA graphs): both paths must agree."""
+    pipe.skip_at_p0 = not p_as_tensor
+    return pipe
+
+
+@pytest.mark.parametrize('p_as_tensor', [False, True])
+def test_probability_is_p_times_multiplier(p_as_tensor):
     n = 2000
     x = rand_images(n, size=4)
     for p, mult in [(0.3, 1.0), (0.8, 0.5)]:
-        changed = (make_pipe(p, brightness=mult)(x) != x).flatten(1).any(dim=1).sum().item()
+        changed = (_pipe_p_read(make_pipe(p, brightness=mult), p_as_tensor)(x) != x).flatten(1).any(dim=1).sum().item()
         assert binomial_ok(changed, n, p * mult), (p, mult, changed)
 
 
-def test_rotate_split_keeps_total_probability():
+@pytest.mark.parametrize('p_as_tensor', [False, True])
+def test_rotate_split_keeps_total_probability(p_as_tensor):
     # Pre- and post-rotation each fire with 1 - sqrt(1 - p): at least one fires with probability p.
     n = 600
     x = rand_images(n, c=1, size=8)
-    changed = ((make_pipe(0.5, rotate=1)(x) - x).abs().flatten(1).amax(dim=1) > 1e-4).sum().item()
+    changed = ((_pipe_p_read(make_pipe(0.5, rotate=1), p_as_tensor)(x) - x).abs().flatten(1).amax(dim=1) > 1e-4).sum().item()
     assert binomial_ok(changed, n, 0.5), changed
 
 

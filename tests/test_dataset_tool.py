@@ -5,6 +5,7 @@ import http.server
 import io
 import json
 import threading
+import types
 import zipfile
 from pathlib import Path
 
@@ -554,6 +555,22 @@ def test_each_stage_accounts_for_what_it_was_given(tmp_path):
     collection.build_datasets(options, log=quiet)
     drops = sorted((d for _given, sifted in stages for d in sifted.dropped), key=lambda d: d['source'])
     assert taxonomy.load_manifest(tmp_path / 'datasets').dropped == drops
+
+def test_near_duplicates_are_dropped_up_to_and_including_the_threshold():
+    # dHashes at chosen Hamming distances from the first image: 4 (= the threshold) is a near duplicate, 5 is not; an
+    # exact copy is a duplicate whatever its hash; a later image is compared with kept images only; -1 turns it off.
+    def image(source, content, dhash):
+        return collection.StagedImage(record=types.SimpleNamespace(source=source), staged='', facts=dict(content=content, dhash=dhash))
+    bits = lambda *positions: sum(1 << p for p in positions)
+    images = [image('a', 'A', 0), image('b', 'B', bits(1, 7, 20, 63)), image('c', 'C', bits(0, 1, 2, 3, 4)),
+              image('d', 'A', bits(10, 11, 12, 13, 14, 15, 16, 17)), image('e', 'E', bits(0, 1, 2, 3, 4, 40))]
+    sifted = collection.drop_duplicates(images, threshold=4)
+    assert [i.record.source for i in sifted.kept] == ['a', 'c']
+    assert sifted.dropped == [dict(source='b', reason='near_duplicate', detail='dHash distance 4 to a'),
+                              dict(source='d', reason='duplicate', detail='same pixels as a'),
+                              dict(source='e', reason='near_duplicate', detail='dHash distance 1 to c')]
+    assert [i.record.source for i in collection.drop_duplicates(images, threshold=-1).kept] == ['a', 'b', 'c', 'e']
+    assert [i.record.source for i in collection.drop_duplicates(images, threshold=3).kept] == ['a', 'b', 'c']
 
 #----------------------------------------------------------------------------
 # Image helpers, against hand-computed values.

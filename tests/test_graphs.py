@@ -119,8 +119,14 @@ def test_training_through_oplog_graphs_equals_eager_training_exactly():
     graphed = _train(34, graphs='oplog')
     _assert_same_training_state(eager, graphed)
     assert float(graphed['augment_pipe'].p) != 0.3                 # ADA moved p between replays
-    keys = sorted(graphed['runner']._graphs)                          # pylint: disable=protected-access
-    assert keys == [('Dmain', ('lecam off',)), ('Dmain', ('lecam on',)), ('Dreg', ()), ('Gmain', ()), ('Greg', ())]
+    graphs = graphed['runner']._graphs                                # pylint: disable=protected-access
+    # Each (phase, key) runs eagerly once, is captured on its second run (which runs it), and is replayed on every run
+    # after that: Gmain and Dmain run every iteration (Dmain with LeCam off at iterations 0-7, on at 8-33), Greg every
+    # 4th (9 runs), Dreg every 16th (3 runs). A replay that ran the phase eagerly instead would give the same state.
+    replays = {key: graph.num_replays for key, (graph, _) in graphs.items()}
+    assert replays == {('Gmain', ()): 32, ('Dmain', ('lecam off',)): 6, ('Dmain', ('lecam on',)): 24, ('Greg', ()): 7,
+                       ('Dreg', ()): 1}
+    assert graphed['runner']._eager_runs == {key: 1 for key in replays}      # pylint: disable=protected-access
 
 
 def test_phases_compute_on_the_device_only():

@@ -94,6 +94,15 @@ def test_ada_p_rises_when_d_overfits(tmp_path):
     assert load_network_pkl(final)['augment_pipe'].p.item() == pytest.approx(ps[-1])
 
 
+def test_ada_step_is_batch_times_interval_over_ada_kimg(tmp_path):
+    # A target of -1, which r_t = E[sign(D(real))] always exceeds: p rises one step at every adjustment, and NVIDIA's
+    # step lets p go from 0 to 1 in ada_kimg: batch 4 x interval 2 / 100 images = 0.08, 4 adjustments in 8 iterations.
+    data = write_zip(tmp_path / 'd.zip')
+    final = training_loop(**tiny_loop_kwargs(data, tmp_path / 'run', augment_p=0.0, ada_target=-1, ada_interval=2,
+                                             ada_kimg=0.1, total_kimg=0.032, image_snapshot_ticks=None))
+    assert load_network_pkl(final)['augment_pipe'].p.item() == pytest.approx(4 * 0.08, abs=1e-6)
+
+
 def test_freeze_d_weights_do_not_change(tmp_path):
     data = write_zip(tmp_path / 'd.zip')
     start = training_loop(**tiny_loop_kwargs(data, tmp_path / 'a', total_kimg=0.008))

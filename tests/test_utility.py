@@ -46,13 +46,14 @@ def _sha(path):
     return hashlib.sha256(open(path, 'rb').read()).hexdigest()
 
 
-def write_collection(root, counts=COUNTS):
+def write_collection(root, counts=COUNTS, images_fn=None):
     """A datasets folder as dataset_tool_ext.py writes it: Root.zip (labelled by taxon) and one zip per taxon, the
-    same file name and bytes for an image in every zip that holds it."""
+    same file name and bytes for an image in every zip that holds it. images_fn(k, n) -> uint8 [n, 3, 16, 16] makes
+    taxon k's images (default: its faint pattern in noise)."""
     root.mkdir(parents=True, exist_ok=True)
     members = {}
     for k, t in enumerate(TAXA):
-        images = _taxon_images(k, counts[t], k, contrast=CONTRAST, noise=40)
+        images = images_fn(k, counts[t]) if images_fn else _taxon_images(k, counts[t], k, contrast=CONTRAST, noise=40)
         members[t] = [(f'{t.lower()}-{i:03d}.png', _png(img)) for i, img in enumerate(images)]
     everything = sorted(m for t in TAXA for m in members[t])
     labels = [[name, next(k for k, t in enumerate(TAXA) if name.startswith(t.lower()))] for name, _ in everything]
@@ -195,6 +196,52 @@ def test_cas_of_the_real_images_is_the_real_accuracy_and_noise_is_chance(split, 
     assert cas['interval'][0] <= 1 / 3 <= cas['interval'][1] and abs(cas['value'] - 1 / 3) <= 0.15, cas['per_seed']
     assert gain['num_added'] == {t: 20 for t in TAXA}
     assert gain['interval'][0] <= 0 and gain['value'] <= 0.05, gain['per_seed']
+
+
+def test_gain_of_more_real_images_is_positive_and_cas_beats_the_few_real_ones(tmp_path):
+    # Positive control: two real training images per taxon (a weak classifier), and a "generator" that returns 100
+    # other real images of its taxon, drawn from the same distribution but kept out of training and of the held-out
+    # set. Adding them must help, with the whole interval above 0, and a classifier trained on them alone must beat the
+    # one trained on the two real images. (A gain arm that never adds the generated images gives exactly 0.)
+    contrast = 0.1
+    write_collection(tmp_path / 'ds', {t: 24 for t in TAXA},
+                     images_fn=lambda k, n: _taxon_images(k, n, k, contrast=contrast, noise=40))
+    utility.write_holdout_split(tmp_path / 'ds', tmp_path / 'split', 0.9, seed=0)
+    options = dataclasses.replace(TINY, utility_seeds=5, utility_steps=400, utility_lr=1e-2, utility_batch=32)
+    evaluator = utility.UtilityEvaluator(utility.load_holdout(tmp_path / 'split'), TAXA, options, progress=False)
+    assert evaluator.num_train == {t: 2 for t in TAXA} and evaluator.num_test == {t: 22 for t in TAXA}
+    others = {t: utility.GeneratorSource(G=BankG(list(_taxon_images(k, 100, 100 + k, contrast=contrast, noise=40))))
+              for k, t in enumerate(TAXA)}
+    result = utility.calc_utility(evaluator, ['gain100_taxon', 'cas100_taxon'], others, cache_dir=str(tmp_path / 'cache'))
+    gain, cas = result['gain100_taxon'], result['cas100_taxon']
+    assert gain['num_added'] == cas['num_generated'] == {t: 100 for t in TAXA}
+    assert gain['interval'][0] > 0.1 and gain['value'] > 0.2, gain['per_seed']
+    assert gain['accuracy_augmented'] == pytest.approx(gain['accuracy_real'] + gain['value'])
+    assert cas['interval'][0] > cas['real_accuracy'], (cas['per_seed'], cas['real_accuracy'])
+
+
+def test_accuracies_are_measured_on_the_heldout_images(tmp_path):
+    # Labels that carry no information (every image is noise): a classifier memorises its training images but is at
+    # chance (1/3) on held-out ones. Scoring the training images instead would report the memorised accuracy.
+    write_collection(tmp_path / 'ds', {t: 24 for t in TAXA},
+                     images_fn=lambda k, n: np.random.RandomState(50 + k).randint(0, 256, [n, 3, 16, 16]).astype(np.uint8))
+    utility.write_holdout_split(tmp_path / 'ds', tmp_path / 'split', 0.67, seed=0)
+    options = dataclasses.replace(TINY, utility_steps=800, utility_lr=1e-2, utility_batch=32)
+    evaluator = utility.UtilityEvaluator(utility.load_holdout(tmp_path / 'split'), TAXA, options, progress=False)
+    assert evaluator.num_train == {t: 8 for t in TAXA} and evaluator.num_test == {t: 16 for t in TAXA}
+    heldout, training = [], []
+    for seed in range(options.utility_seeds):
+        model = utility.fit_classifier_steps(evaluator.real_x, evaluator.real_y, TAXA, options, seed)
+        with torch.no_grad():
+            predicted = model.classify(evaluator.test_x).argmax(dim=1).numpy()
+            training.append(float((model.classify(evaluator.real_x).argmax(dim=1) == evaluator.real_y).double().mean()))
+        truth = evaluator.test_y.numpy()
+        reference = np.array([np.mean(predicted[truth == k] == k) for k in range(len(TAXA))])      # [K] by hand
+        np.testing.assert_array_equal(evaluator.real_accuracy(seed), reference)
+        heldout.append(reference.mean())
+    assert min(training) >= 0.9, training                   # the premise: the training images are memorised
+    mean, low, high = utility.mean_interval(heldout)
+    assert low <= 1 / 3 <= high and mean <= 0.45, heldout
 
 
 def test_measures_repeat_exactly_and_are_cached_by_their_inputs(split, tmp_path):
