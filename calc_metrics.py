@@ -1,4 +1,5 @@
-"""Compute FID / KID / taxon accuracy of a network pickle against a dataset; train the offline taxon detector."""
+"""Compute FID / KID / precision-recall / density-coverage / data copying / taxon accuracy of a network pickle or of a
+set of images against a dataset; train the offline taxon detector."""
 
 import copy
 import os
@@ -8,8 +9,9 @@ import click
 import torch
 
 from stylegan2ada import cli
-from stylegan2ada.dataset import ImageFolderDataset
+from stylegan2ada.dataset import DatasetError, ImageFolderDataset
 from stylegan2ada.metrics import metric_main
+from stylegan2ada.metrics.metric_utils import ImageSet
 from stylegan2ada.pickles import NetworkPickleError, evaluation_network, load_network_pkl
 from stylegan2ada.util import UserError, sha256_file
 import taxogan_ext.dcgan  # noqa: F401  registers the DCGAN baseline's classes for pickles
@@ -33,6 +35,16 @@ def load_generator(network_pkl):
         raise NetworkPickleError(f'{network_pkl}: {exc}') from None
     kwargs = data.get('training_set_kwargs')
     return G, (dict(kwargs) if kwargs else None)
+
+
+def load_image_set(path):
+    """The ImageSet of --images; click.ClickException (one line) for a missing, unreadable or empty folder or zip."""
+    if not os.path.exists(path):
+        raise click.ClickException(f'--images {path}: no such folder or zip')
+    try:
+        return ImageSet(path)
+    except DatasetError as exc:
+        raise click.ClickException(f'--images {exc}') from None
 
 
 def dataset_kwargs_for(G, pkl_kwargs, data, mirror, network_pkl):
@@ -61,13 +73,16 @@ def _run_metrics(rank, c, temp_dir):
     device = cli.pick_device(c['device'], rank)
     if device.type == 'cuda':
         torch.cuda.set_device(device)
-    G, _ = load_generator(c['network_pkl'])
-    G = copy.deepcopy(G).eval().requires_grad_(False).to(device)
+    if c['images'] is not None:
+        G = ImageSet(c['images'])
+    else:
+        G, _ = load_generator(c['network_pkl'])
+        G = copy.deepcopy(G).eval().requires_grad_(False).to(device)
     results = []
     for metric in c['metrics']:
         result = metric_main.calc_metric(metric, G, c['dataset_kwargs'], detector=c['detectors'], num_gpus=c['num_gpus'], rank=rank,
                                          device=device, progress=c['progress'], cache_dir=c['cache_dir'], batch_size=c['batch_size'],
-                                         seed=c['seed'], taxon=c['taxon'])
+                                         seed=c['seed'], taxon=c['taxon'], heldout=c['heldout'])
         if rank == 0:
             path = metric_main.report_metric(result, c['run_dir'], c['network_pkl'])
             click.echo(f'{metric_main.format_metric_result(result)} -> {path}')
@@ -101,10 +116,12 @@ def calc_metrics(c):
 @click.pass_context
 # Main options.
 @click.option('--network', 'network_pkl', help='Network pickle to evaluate', metavar='PKL', type=str, default=None)
+@click.option('--images',                 help='Or: a folder or zip of images to evaluate in place of a network (its first N per metric)', metavar='PATH', type=str, default=None)
 @click.option('--data',                   help='Real images: dataset zip or folder  [default: the pickle\'s training set]', metavar='ZIP', type=str, default=None)
-@click.option('--metrics',                help='Comma-separated metrics, e.g. fid50k_full,kid50k_full,acc_taxon', metavar='LIST', type=str, default='fid50k_full', show_default=True)
-@click.option('--detector', 'detectors',  help='inception, taxon:PATH or a TorchScript PATH; repeat to give both kinds', metavar='SPEC', type=str, multiple=True, default=('inception',), show_default=True)
-@click.option('--taxon',                  help='Taxon of an unconditional generator for acc_taxon  [default: from the manifest]', metavar='NAME', type=str, default=None)
+@click.option('--metrics',                help='Comma-separated metrics, e.g. fid50k_full,kid50k_full,pr50k3_full,dc10k_full,mem1k,acc_taxon', metavar='LIST', type=str, default='fid50k_full', show_default=True)
+@click.option('--detector', 'detectors',  help='inception, vgg16, taxon:PATH or a TorchScript PATH; repeat to give both kinds (pr, dc: vgg16 in place of inception)', metavar='SPEC', type=str, multiple=True, default=('inception',), show_default=True)
+@click.option('--taxon',                  help='Taxon of an unconditional generator (or of --images) for acc_taxon  [default: from the manifest]', metavar='NAME', type=str, default=None)
+@click.option('--heldout',                help='Held-out real images of the training set\'s kind, the reference of mem<N>[k]  [default: leave-one-out over the real images]', metavar='ZIP', type=str, default=None)
 # Hyperparameters.
 @click.option('--mirror',                 help='Mirror the reals of the non-_full metrics  [default: as in the pickle]', metavar='BOOL', type=bool, default=None)
 @click.option('--seed',                   help='Seed of latents, labels, noise and KID subsets', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
@@ -114,15 +131,18 @@ def calc_metrics(c):
 @click.option('--device',                 help='Device to run on', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
 # I/O-related.
 @click.option('--cache', 'cache_dir',     help='Detector and real-feature cache  [default: $TAXOGAN_CACHE or ~/.cache/taxogan]', metavar='DIR', type=str, default=None)
-@click.option('--run-dir',                help='Where metric-<name>.jsonl is appended  [default: beside the pickle]', metavar='DIR', type=str, default=None)
+@click.option('--run-dir',                help='Where metric-<name>.jsonl is appended  [default: beside the pickle or --images]', metavar='DIR', type=str, default=None)
 @click.option('--quiet',                  help='No progress bars', is_flag=True)
 def main(ctx, **kwargs):
-    """Compute metrics of a network pickle; or train / check the offline taxon detector (see the subcommands).
+    """Compute metrics of a network pickle or of a set of images; or train / check the offline taxon detector (see the
+    subcommands).
 
     \b
     Examples:
     python calc_metrics.py --network runs/exp/network-snapshot-000400.pkl --data datasets/Calanoida.zip \\
         --metrics fid50k_full,kid50k_full
+    python calc_metrics.py --images exported/Calanoida.zip --data datasets/Calanoida.zip \\
+        --metrics fid2k_full,pr2k3_full_taxon,mem2k_taxon --detector taxon:taxon.pt
     python calc_metrics.py train-detector --data datasets/ --out taxon.pt
     python calc_metrics.py --network net.pkl --data datasets/Calanoida.zip --metrics fid2k_full,acc_taxon \\
         --detector taxon:taxon.pt
@@ -130,8 +150,14 @@ def main(ctx, **kwargs):
     if ctx.invoked_subcommand is not None:
         return
     opts = dict(kwargs)
-    if opts['network_pkl'] is None:
-        raise click.ClickException('--network is required (or use a subcommand: train-detector, eval-detector)')
+    if opts['network_pkl'] is None and opts['images'] is None:
+        raise click.ClickException('--network or --images is required (or use a subcommand: train-detector, eval-detector)')
+    if opts['network_pkl'] is not None and opts['images'] is not None:
+        raise click.ClickException('--network and --images exclude each other: evaluate one at a time')
+    if opts['images'] is not None and opts['data'] is None:
+        raise click.ClickException('--images needs --data, the real images to compare them with')
+    if opts['heldout'] is not None and not os.path.exists(opts['heldout']):
+        raise click.ClickException(f'--heldout {opts["heldout"]}: no such file or folder')
     metrics = _parse_list(opts['metrics'])
     if not metrics:
         raise click.ClickException('--metrics is empty')
@@ -141,17 +167,25 @@ def main(ctx, **kwargs):
         detector, _name = metric_main.select_detector(spec, list(opts['detectors']), cache_dir=opts['cache_dir'])
         used[detector.spec] = detector
 
-    G, pkl_kwargs = load_generator(opts['network_pkl'])
+    if opts['images'] is not None:
+        G, pkl_kwargs = load_image_set(opts['images']), None
+        source = os.path.normpath(opts['images'])     # metric-*.jsonl go beside the folder or zip, not into it
+    else:
+        G, pkl_kwargs = load_generator(opts['network_pkl'])
+        source = opts['network_pkl']
     dataset_kwargs = dataset_kwargs_for(G, pkl_kwargs, opts['data'], opts['mirror'], opts['network_pkl'])
-    c = dict(network_pkl=opts['network_pkl'], metrics=metrics, detectors=list(opts['detectors']), dataset_kwargs=dataset_kwargs,
-             taxon=opts['taxon'], seed=opts['seed'], num_gpus=opts['num_gpus'], batch_size=opts['batch_size'],
-             device=cli.pick_device(opts['device']).type, cache_dir=opts['cache_dir'],
-             run_dir=opts['run_dir'] or os.path.dirname(os.path.abspath(opts['network_pkl'])), progress=not opts['quiet'])
+    c = dict(network_pkl=opts['network_pkl'], images=opts['images'], metrics=metrics, detectors=list(opts['detectors']),
+             dataset_kwargs=dataset_kwargs, taxon=opts['taxon'], heldout=opts['heldout'], seed=opts['seed'],
+             num_gpus=opts['num_gpus'], batch_size=opts['batch_size'], device=cli.pick_device(opts['device']).type,
+             cache_dir=opts['cache_dir'], run_dir=opts['run_dir'] or os.path.dirname(os.path.abspath(source)),
+             progress=not opts['quiet'])
     if c['device'] == 'cuda' and c['num_gpus'] > torch.cuda.device_count():
         raise click.ClickException(f'--gpus {c["num_gpus"]}: only {torch.cuda.device_count()} CUDA devices')
 
     # Fail early, before any process starts: the dataset must read, the detectors must be there.
     dataset = ImageFolderDataset(**dataset_kwargs)
+    if opts['heldout'] is not None:
+        ImageFolderDataset(**dict(dataset_kwargs, path=opts['heldout'], use_labels=False))
     if G.c_dim and dataset.label_dim != G.c_dim:
         raise click.ClickException(f'{dataset.path}: the generator has {G.c_dim} classes but the dataset labels have '
                                    f'{dataset.label_dim} (dataset.json)')

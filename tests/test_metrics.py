@@ -146,10 +146,11 @@ def test_metric_name_parsing():
         with pytest.raises(MetricError) as exc:
             parse_metric_name(bad)
         assert 'valid forms' in str(exc.value) and '\n' not in str(exc.value)
-    # The forms are assembled from the registered families and detector kinds; with taxogan_ext's, the same text as
-    # when the engine had them built in.
-    assert str(exc.value).endswith('valid forms: fid<N>[k][_full][_taxon], kid<N>[k][_full][_taxon], acc[<N>[k]]_taxon '
-                                   '(e.g. fid50k_full, kid50k_full, fid2k, kid5k_full_taxon, acc_taxon)')
+    # The forms are assembled from the registered families (the engine's first) and detector kinds.
+    assert str(exc.value).endswith('valid forms: fid<N>[k][_full][_taxon], kid<N>[k][_full][_taxon], '
+                                   'pr<N>[k]3[_full][_taxon], dc<N>[k][_full][_taxon], mem<N>[k][_taxon], acc[<N>[k]]_taxon '
+                                   '(e.g. fid50k_full, kid50k_full, fid2k, kid5k_full_taxon, pr50k3_full, dc10k_full, mem1k, '
+                                   'acc_taxon)')
 
 
 # ----------------------------------------------------------------------------
@@ -683,3 +684,15 @@ def test_taxon_detector_training_repeats_exactly(taxon_setup, tmp_path):
         assert torch.equal(torch.get_rng_state(), state)
     first, second = (torch.jit.load(str(p)).state_dict() for p in paths)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_class_weights_give_every_class_the_same_total_weight():
+    # Inverse frequency, normalised so that the weights average 1 over the images: 6, 2 and 1 images of three classes
+    # weigh 0.5, 1.5 and 3, and each class then counts 3 in the loss, as a 150-image order counts as a 900-image one.
+    from taxogan_ext.taxon_detector import class_weights
+    labels = torch.tensor([0] * 6 + [1] * 2 + [2])
+    weights = class_weights(labels, ['A', 'B', 'C'], 'test')
+    assert torch.allclose(weights, torch.tensor([0.5, 1.5, 3.0]))
+    assert torch.allclose(weights[labels].sum(), torch.tensor(9.0))
+    with pytest.raises(DetectorError, match='test: no training images for C'):
+        class_weights(torch.tensor([0, 1]), ['A', 'B', 'C'], 'test')

@@ -1,5 +1,5 @@
-"""Feature detectors for the metrics: NVIDIA's Inception-v3 (downloaded once and cached), a local TorchScript file,
-or a file of a kind an extension registers (register_detector_kind; e.g. taxogan_ext.taxon_detector's 'taxon').
+"""Feature detectors for the metrics: NVIDIA's Inception-v3 or VGG16 (downloaded once and cached), a local TorchScript
+file, or a file of a kind an extension registers (register_detector_kind; e.g. taxogan_ext.taxon_detector's 'taxon').
 
 Every detector is a TorchScript module called as `detector(img_uint8_nchw, return_features=True)` returning features
 [N, D]; a classifier detector also exports `logits(img)` and `get_class_names()`.
@@ -9,6 +9,7 @@ import collections
 import contextlib
 import hashlib
 import os
+import types
 import warnings
 import zipfile
 
@@ -22,12 +23,23 @@ from ..util import UserError, atomic_write, sha256_file, write_text_atomic
 INCEPTION_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
 INCEPTION_FILENAME = 'inception-2015-12-05.pt'
 INCEPTION_FEATURES = 2048
+VGG16_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan2/versions/1/files/metrics/vgg16.pt'
+VGG16_FILENAME = 'vgg16.pt'
+VGG16_FEATURES = 4096
 # NVIDIA publishes no checksum for this file, so the SHA-256 is recorded at the first download
 # (in a side file `<name>.sha256`) and every later load is checked against it.
 CHECKSUM_SUFFIX = '.sha256'
 CACHE_ENV = 'TAXOGAN_CACHE'
 OFFLINE_ENV = 'TAXOGAN_OFFLINE'
-BUILTIN_KINDS = ('inception', 'file')
+
+# NVIDIA's detector files, asked for by name (--detector inception / vgg16): where they come from and the width of
+# the features their file must return. Read-only: the table is the same in every process.
+DownloadableDetector = collections.namedtuple('DownloadableDetector', ['title', 'url', 'filename', 'num_features'])
+DOWNLOADABLE = types.MappingProxyType({
+    'inception':    DownloadableDetector('Inception', INCEPTION_URL, INCEPTION_FILENAME, INCEPTION_FEATURES),
+    'vgg16':        DownloadableDetector('VGG16', VGG16_URL, VGG16_FILENAME, VGG16_FEATURES),
+})
+BUILTIN_KINDS = tuple(DOWNLOADABLE) + ('file',)
 
 # A detector kind an extension adds: --detector KIND:PATH asks for it (see register_detector_kind).
 DetectorKind = collections.namedtuple('DetectorKind', ['check', 'recognize', 'suffix', 'hint'])
@@ -120,17 +132,17 @@ def download_file(
     return digest.hexdigest()
 
 
-def _check_inception_module(file, source):
-    """Load a downloaded Inception file (path or binary file) and check it returns [N, 2048] features; errors name `source`."""
+def _check_downloaded_module(file, source, entry):
+    """Load a downloaded detector file (path or binary file) and check its feature width; errors name `source`."""
     try:
         module = jit_load(file, map_location='cpu').eval()
         with torch.no_grad():
             out = module(torch.zeros([1, 3, 32, 32], dtype=torch.uint8), return_features=True)
     except Exception as exc:  # pylint: disable=broad-except
-        raise DetectorError(f'{source}: not a usable Inception TorchScript file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""})') from None
-    if tuple(out.shape) != (1, INCEPTION_FEATURES):
-        raise DetectorError(f'{source}: not a usable Inception TorchScript file (features of shape {list(out.shape)}, '
-                            f'expected [1, {INCEPTION_FEATURES}])')
+        raise DetectorError(f'{source}: not a usable {entry.title} TorchScript file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""})') from None
+    if tuple(out.shape) != (1, entry.num_features):
+        raise DetectorError(f'{source}: not a usable {entry.title} TorchScript file (features of shape {list(out.shape)}, '
+                            f'expected [1, {entry.num_features}])')
 
 
 def inception_path(
@@ -138,8 +150,18 @@ def inception_path(
     progress    = True, # progress bar while downloading
 ):
     """Path of NVIDIA's Inception detector in the cache, downloading it on first use; DetectorError when impossible."""
+    return downloaded_detector_path('inception', cache_dir=cache_dir, progress=progress)
+
+
+def downloaded_detector_path(
+    name,               # a key of DOWNLOADABLE: 'inception' or 'vgg16'
+    cache_dir   = None, # folder; None = $TAXOGAN_CACHE or ~/.cache/taxogan
+    progress    = True, # progress bar while downloading
+):
+    """Path of one of NVIDIA's detector files in the cache, downloading it on first use; DetectorError when impossible."""
+    entry = DOWNLOADABLE[name]
     folder = default_cache_dir(cache_dir)
-    path = os.path.join(folder, INCEPTION_FILENAME)
+    path = os.path.join(folder, entry.filename)
     sidecar = path + CHECKSUM_SUFFIX
     if os.path.isfile(path):
         actual = sha256_file(path)
@@ -151,32 +173,32 @@ def inception_path(
                 raise DetectorError(f'{path}: SHA-256 {actual} differs from {recorded} recorded at download ({sidecar}); '
                                     f'delete both to download again')
         else:
-            write_text_atomic(sidecar, f'{actual}  {INCEPTION_FILENAME}\n')  # a copy put there by hand
+            write_text_atomic(sidecar, f'{actual}  {entry.filename}\n')  # a copy put there by hand
         return path
 
-    where = f'download {INCEPTION_URL} to {path} (or set ${CACHE_ENV}, or pass --detector PATH)'
+    where = f'download {entry.url} to {path} (or set ${CACHE_ENV}, or pass --detector PATH)'
     if os.environ.get(OFFLINE_ENV, '') not in ('', '0'):
-        raise DetectorError(f'Inception detector not found at {path} and ${OFFLINE_ENV} is set; {where}')
+        raise DetectorError(f'{entry.title} detector not found at {path} and ${OFFLINE_ENV} is set; {where}')
     try:
-        digest = download_file(INCEPTION_URL, path, verify=lambda file: _check_inception_module(file, INCEPTION_URL), progress=progress)
+        digest = download_file(entry.url, path, verify=lambda file: _check_downloaded_module(file, entry.url, entry), progress=progress)
     except requests.RequestException as exc:
         reason = type(exc).__name__
-        raise DetectorError(f'Inception detector not found at {path} and the download failed ({reason}); {where}') from None
+        raise DetectorError(f'{entry.title} detector not found at {path} and the download failed ({reason}); {where}') from None
     except OSError as exc:
-        raise DetectorError(f'Inception detector not found at {path} and cannot be written there ({exc.strerror}); {where}') from None
-    write_text_atomic(sidecar, f'{digest}  {INCEPTION_FILENAME}\n')
+        raise DetectorError(f'{entry.title} detector not found at {path} and cannot be written there ({exc.strerror}); {where}') from None
+    write_text_atomic(sidecar, f'{digest}  {entry.filename}\n')
     return path
 
 
 #----------------------------------------------------------------------------
 
 class Detector:
-    """A resolved --detector choice: 'inception', a TorchScript PATH or KIND:PATH; loads lazily per device."""
+    """A resolved --detector choice: 'inception', 'vgg16', a TorchScript PATH or KIND:PATH; loads lazily per device."""
 
     def __init__(self,
-        kind,               # 'inception' (NVIDIA's file from the cache), 'file' (a local TorchScript) or a registered kind
-        path        = None, # the TorchScript file; None only for 'inception' (then found or downloaded on use)
-        cache_dir   = None, # cache folder for 'inception'; None = the default
+        kind,               # 'inception' / 'vgg16' (NVIDIA's files from the cache), 'file' (a local TorchScript) or a registered kind
+        path        = None, # the TorchScript file; None only for 'inception' / 'vgg16' (then found or downloaded on use)
+        cache_dir   = None, # cache folder for 'inception' / 'vgg16'; None = the default
         progress    = True, # progress bar when downloading
     ):
         if kind not in BUILTIN_KINDS and kind not in DETECTOR_KINDS:
@@ -185,6 +207,7 @@ class Detector:
         # Added to metric names computed with this detector, so that its figures never pass for Inception ones.
         self.suffix = DETECTOR_KINDS[kind].suffix if kind in DETECTOR_KINDS else ''
         self._path = None if path is None else str(path)
+        self._by_name = path is None    # asked for by name ('inception'): spec stays the name once the file is found
         self._cache_dir = cache_dir
         self._progress = progress
         self._sha256 = None
@@ -197,16 +220,16 @@ class Detector:
 
     @property
     def path(self):
-        """The TorchScript file (downloads Inception on first use)."""
+        """The TorchScript file (downloads NVIDIA's Inception or VGG16 file on first use)."""
         if self._path is None:
-            self._path = inception_path(self._cache_dir, progress=self._progress)
+            self._path = downloaded_detector_path(self.kind, self._cache_dir, progress=self._progress)
         return self._path
 
     @property
     def spec(self):
         """How to ask for this detector again on the command line."""
-        if self.kind == 'inception' and self._path is None:
-            return 'inception'
+        if self.kind in DOWNLOADABLE and self._by_name:
+            return self.kind
         return self._path if self.kind in BUILTIN_KINDS else f'{self.kind}:{self._path}'
 
     @property
@@ -259,22 +282,22 @@ class Detector:
 
 
 def resolve_detector(
-    spec,               # 'inception', KIND:PATH (a registered kind), a TorchScript PATH, or a Detector (returned as is)
-    cache_dir   = None, # cache folder for the Inception download; None = the default
+    spec,               # 'inception', 'vgg16', KIND:PATH (a registered kind), a TorchScript PATH, or a Detector (returned as is)
+    cache_dir   = None, # cache folder for the Inception / VGG16 download; None = the default
     progress    = True, # progress bar when downloading
 ):
     """Turn a --detector value into a Detector; DetectorError (one line) for a missing or wrong file."""
     if isinstance(spec, Detector):
         return spec
     spec = str(spec)
-    if spec == 'inception':
-        return Detector('inception', cache_dir=cache_dir, progress=progress)
+    if spec in DOWNLOADABLE:
+        return Detector(spec, cache_dir=cache_dir, progress=progress)
     kind, colon, path = spec.partition(':')
     if colon and kind in DETECTOR_KINDS:
         DETECTOR_KINDS[kind].check(path)
         return Detector(kind, path)
     if not os.path.isfile(spec):
-        expected = ', '.join(['inception'] + [f'{kind}:PATH' for kind in DETECTOR_KINDS])
+        expected = ', '.join(list(DOWNLOADABLE) + [f'{kind}:PATH' for kind in DETECTOR_KINDS])
         raise DetectorError(f'{spec}: no such detector file (expected {expected} or a TorchScript file)')
     if not zipfile.is_zipfile(spec):
         raise DetectorError(f'{spec}: not a TorchScript file')

@@ -1,4 +1,4 @@
-"""Metric registry and runner: parse names like fid50k_full or kid2k, compute, report to metric-<name>.jsonl.
+"""Metric registry and runner: parse names like fid50k_full, kid2k or pr50k3_full, compute, report to metric-<name>.jsonl.
 
 A metric name is a family's form plus, optionally, the suffix of the detector kind it was computed with: the engine's
 families read `<family><N>[k][_full]`; an extension may register families with their own form (register_metric) and
@@ -12,8 +12,8 @@ import re
 import time
 
 from . import metric_utils
-from .detectors import detector_kind_suffixes, detector_request, resolve_detector
-from .distances import frechet_distance_from_stats, kernel_inception_distance
+from .detectors import Detector, detector_kind_suffixes, detector_request, resolve_detector
+from .distances import density_coverage, frechet_distance_from_stats, kernel_inception_distance, memorisation, precision_recall
 from ..util import UserError, format_duration
 
 # Metric families by name; filled by @register_metric (the engine's below, an extension's at its import).
@@ -23,12 +23,18 @@ DEFAULT_FORM = r'(?P<count>\d+)(?P<kilo>k?)(?P<full>_full)?'     # <N>[k][_full]
 EXAMPLES = ('fid50k_full', 'kid50k_full', 'fid2k')
 KID_NUM_SUBSETS = 100
 KID_MAX_SUBSET_SIZE = 1000
+PR_K = 3                # k-NN radius of precision / recall (Kynkaanniemi et al. 2019; NVIDIA's pr50k3): part of the name
+DC_K = 5                # k-NN radius of density / coverage (Naeem et al. 2020 recommend 5)
+MEM_QUANTILE = 0.05     # a generated image is a copy at or below this quantile of the reference distances
+MEM_CT_COPYING = -3.0   # C_T below this: the generated images are closer to the training set than held-out reals are
+SUFFIXES = '{suffixes}' # in a registered form: where the detector kinds' optional suffixes go
 
 # A parsed metric name; detector_kind: the detector kind whose suffix the name ends in, None = none.
 MetricSpec = collections.namedtuple('MetricSpec', ['name', 'family', 'count', 'full', 'detector_kind'])
 
 # A registered family: fn(opts, spec) -> dict, and its name grammar (see register_metric).
-MetricFamily = collections.namedtuple('MetricFamily', ['fn', 'pattern', 'default_count', 'detector_kind', 'form', 'example'])
+MetricFamily = collections.namedtuple('MetricFamily', ['fn', 'pattern', 'default_count', 'detector_kind', 'form', 'example',
+                                                     'plain_detector'])
 
 
 class MetricError(UserError):
@@ -41,14 +47,17 @@ def register_metric(
                                 # kilo and full (each optional); None = <N>[k][_full]
     default_count   = None,     # image count of a name without one; None = the count is required
     detector_kind   = None,     # the family needs detectors of this kind: its names end in that kind's suffix; None = any
-    form            = None,     # the name forms for error messages, e.g. 'acc[<N>[k]]_taxon'; None = derived
+    form            = None,     # the name forms for error messages, e.g. 'acc[<N>[k]]_taxon' ('{suffixes}' = the
+                                # detector kinds' optional suffixes); None = derived
     example         = None,     # an example name for error messages; None = none
+    plain_detector  = None,     # the protocol's own detector (e.g. 'vgg16'), used in place of Inception for names
+                                # without a suffix; None = as given
 ):
     """Decorator: register fn(opts, spec) -> dict(results={name: value}, ...) as the metric family `family`."""
     def decorator(fn):
         METRIC_FAMILIES[family] = MetricFamily(fn=fn, pattern=DEFAULT_FORM if pattern is None else pattern,
                                                default_count=default_count, detector_kind=detector_kind, form=form,
-                                               example=example)
+                                               example=example, plain_detector=plain_detector)
         return fn
     return decorator
 
@@ -57,7 +66,7 @@ def valid_forms():
     """The metric-name forms for error messages, e.g. 'fid<N>[k][_full][_taxon], ... (e.g. fid50k_full, ...)'."""
     suffixes = detector_kind_suffixes()
     optional = ''.join(f'[{suffix}]' for suffix in suffixes.values())
-    forms = [entry.form or f'{family}<N>[k][_full]{optional}' for family, entry in METRIC_FAMILIES.items()]
+    forms = [(entry.form or f'{family}<N>[k][_full]{SUFFIXES}').replace(SUFFIXES, optional) for family, entry in METRIC_FAMILIES.items()]
     examples = list(EXAMPLES) + [f'kid5k_full{suffix}' for suffix in suffixes.values()]
     examples += [entry.example for entry in METRIC_FAMILIES.values() if entry.example]
     return f'{", ".join(forms)} (e.g. {", ".join(examples)})'
@@ -110,7 +119,8 @@ def select_detector(
     progress    = True, # progress bar when downloading
 ):
     """(Detector, result name): a name with a kind's suffix takes a detector of that kind; others take one without a
-    suffix if given, else the first one with the detector's suffix added to the name."""
+    suffix if given, else the first one with the detector's suffix added to the name. A family with a plain_detector
+    (pr, dc: VGG16) takes it where the first plain choice is Inception, so that its figures follow its own protocol."""
     choices = list(detector) if isinstance(detector, (list, tuple)) else [detector]
     if not choices:
         raise MetricError('no detector given')
@@ -123,13 +133,18 @@ def select_detector(
         return of_kind[0], spec.name
     plain = [d for d in resolved if not d.suffix]
     if plain:
+        preferred = METRIC_FAMILIES[spec.family].plain_detector
+        if preferred is not None and plain[0].kind == 'inception':
+            given = [d for d in plain if d.kind == preferred]
+            return (given[0] if given else Detector(preferred, cache_dir=cache_dir, progress=progress)), spec.name
         return plain[0], spec.name
     return resolved[0], spec.name + resolved[0].suffix
 
 
 def calc_metric(
     metric,                 # metric name, e.g. 'fid50k_full', 'kid2k' (+ a registered detector kind's suffix)
-    G,                      # generator (G_ema); G(z, c, truncation_psi, noise_mode) -> [N, C, H, W] in [-1, 1]
+    G,                      # generator (G_ema); G(z, c, truncation_psi, noise_mode) -> [N, C, H, W] in [-1, 1];
+                            # or a metric_utils.ImageSet, whose images (at most N of them) stand in for generated ones
     dataset_kwargs,         # ImageFolderDataset kwargs of the real images (a pickle's training_set_kwargs)
     detector    = 'inception', # 'inception', KIND:PATH, a TorchScript PATH, a Detector, or a list of them
     num_gpus    = 1,        # processes sharing the work (torch.distributed must be initialised when > 1)
@@ -156,6 +171,8 @@ def calc_metric(
     total_time = time.time() - start
     result = dict(out, metric=name, total_time=total_time, total_time_str=format_duration(total_time), num_gpus=num_gpus,
                   detector=chosen.spec, detector_id=chosen.id, dataset=opts.dataset_kwargs.get('path'), seed=seed)
+    if isinstance(G, metric_utils.ImageSet):
+        result['images'] = G.path
     return result
 
 
@@ -204,3 +221,56 @@ def _kid(opts, spec):
         value = kernel_inception_distance(real.get_all(), gen.get_all(), num_subsets=KID_NUM_SUBSETS,
                                           max_subset_size=KID_MAX_SUBSET_SIZE, seed=opts.seed)
     return dict(results={spec.name: value}, num_real=real.num_items, num_gen=gen.num_items)
+
+
+def _real_and_generated_rows(opts, spec):
+    """All feature rows of the real images (as fid/kid choose them) and of spec.count generated images."""
+    real = metric_utils.compute_feature_stats_for_dataset(opts, max_items=None if spec.full else spec.count, full=spec.full,
+                                                          capture_all=True)
+    gen = metric_utils.compute_feature_stats_for_generator(opts, num_gen=spec.count, capture_all=True)
+    return real, gen
+
+
+@register_metric('pr', pattern=r'(?P<count>\d+)(?P<kilo>k?)3(?P<full>_full)?', form=f'pr<N>[k]3[_full]{SUFFIXES}',
+                 example='pr50k3_full', plain_detector='vgg16')
+def _pr(opts, spec):
+    """Precision and recall with k = 3: results <name>_precision, <name>_recall (the '3' in the name is k)."""
+    real, gen = _real_and_generated_rows(opts, spec)
+    values = (float('nan'),) * 2
+    if opts.rank == 0:
+        values = precision_recall(real.get_all(), gen.get_all(), k=PR_K, device=opts.device)
+    return dict(results={f'{spec.name}_precision': values[0], f'{spec.name}_recall': values[1]}, k=PR_K,
+                num_real=real.num_items, num_gen=gen.num_items)
+
+
+@register_metric('dc', example='dc10k_full', plain_detector='vgg16')
+def _dc(opts, spec):
+    """Density and coverage with k = 5: results <name>_density, <name>_coverage."""
+    real, gen = _real_and_generated_rows(opts, spec)
+    values = (float('nan'),) * 2
+    if opts.rank == 0:
+        values = density_coverage(real.get_all(), gen.get_all(), k=DC_K, device=opts.device)
+    return dict(results={f'{spec.name}_density': values[0], f'{spec.name}_coverage': values[1]}, k=DC_K,
+                num_real=real.num_items, num_gen=gen.num_items)
+
+
+@register_metric('mem', pattern=r'(?P<count>\d+)(?P<kilo>k?)', form=f'mem<N>[k]{SUFFIXES}', example='mem1k')
+def _mem(opts, spec):
+    """Data copying of spec.count generated images against every training image (x-flip off): results <name>_share,
+    <name>_ct. Reference: held-out real images (option heldout=PATH) or leave-one-out over the training images."""
+    train = metric_utils.compute_feature_stats_for_dataset(opts, full=True, capture_all=True)
+    heldout = opts.family_kwargs.get('heldout')
+    ref = None
+    if heldout is not None:
+        ref = metric_utils.compute_feature_stats_for_dataset(opts, full=True, capture_all=True,
+                                                             dataset_overrides=dict(path=heldout, use_labels=False))
+    gen = metric_utils.compute_feature_stats_for_generator(opts, num_gen=spec.count, capture_all=True)
+    out = dict(share=float('nan'), ct=float('nan'), threshold=float('nan'), baseline_share=float('nan'))
+    if opts.rank == 0:
+        out = memorisation(train.get_all(), gen.get_all(), None if ref is None else ref.get_all(), quantile=MEM_QUANTILE,
+                           device=opts.device)
+    return dict(results={f'{spec.name}_share': out['share'], f'{spec.name}_ct': out['ct']}, quantile=MEM_QUANTILE,
+                threshold=out['threshold'], baseline_share=out['baseline_share'], copying=bool(out['ct'] < MEM_CT_COPYING),
+                reference=heldout if heldout is not None else 'leave-one-out',
+                num_reference=ref.num_items if ref is not None else train.num_items, num_real=train.num_items,
+                num_gen=gen.num_items)

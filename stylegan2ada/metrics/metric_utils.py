@@ -1,5 +1,5 @@
-"""Feature extraction for the metrics: real images from a dataset and generated images from G, batched,
-split across processes, with real-image features cached on disk."""
+"""Feature extraction for the metrics: real images from a dataset and generated images from G (or from an ImageSet
+standing in for G), batched, split across processes, with real-image features cached on disk."""
 
 import hashlib
 import io
@@ -61,6 +61,28 @@ class MetricOptions:
         if key not in self._datasets:
             self._datasets[key] = ImageFolderDataset(**kwargs)
         return self._datasets[key]
+
+
+class ImageSet:
+    """A folder or zip of images that stands in for a generator: the metrics take its first N images, in file order."""
+
+    def __init__(self,
+        path,                   # .zip or folder of PNG/JPEG files (searched recursively), e.g. an export
+        resolution  = None,     # expected side in pixels; None = from the first image
+    ):
+        self.dataset = ImageFolderDataset(path, resolution=resolution, use_labels=False, cache=False)
+        self.path = str(path)
+        # What the metrics ask of a generator: images are unconditional (class 0) and of one size.
+        self.c_dim = 0
+        self.img_resolution = self.dataset.resolution
+        self.img_channels = self.dataset.num_channels
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def images(self, start, stop):
+        """uint8 images [B, C, H, W] (torch) of items start .. stop-1."""
+        return torch.from_numpy(np.stack([self.dataset[i][0] for i in range(start, stop)]))
 
 
 class FeatureStats:
@@ -248,7 +270,14 @@ def map_generator(
     dtype           = np.float32,       # dtype of the rows
     desc            = 'generated images', # progress bar label
 ):
-    """fn over num_gen generated images (seeded per batch), split across ranks; rows [num_gen, D] on every rank."""
+    """fn over num_gen generated images (seeded per batch), split across ranks; rows [num_gen, D] on every rank.
+    An ImageSet in opts.G gives its first min(num_gen, len) images instead, all of class 0."""
+    if isinstance(opts.G, ImageSet):
+        if opts.G.img_resolution != dataset.resolution:
+            raise ValueError(f'{opts.G.path}: images are {opts.G.img_resolution} px but {dataset.path} has {dataset.resolution} px')
+        def image_rows(_batch_index, start, stop):
+            return fn(opts.G.images(start, stop).to(opts.device), np.zeros([stop - start], dtype=np.int64))
+        return _map_batches(opts, min(num_gen, len(opts.G)), image_rows, dtype, 'image set')
     check_generator(opts.G, dataset)
     def rows(batch_index, start, stop):
         return fn(*generate_batch(opts.G, dataset, stop - start, batch_seed(opts.seed, batch_index), opts.device))
@@ -275,10 +304,12 @@ def compute_feature_stats_for_dataset(
     capture_all     = False,    # keep every row (KID)
     capture_mean_cov= False,    # keep mean and covariance (FID)
     use_cache       = True,     # read and write the on-disk cache
+    dataset_overrides= None,    # dataset kwargs replacing opts.dataset_kwargs', e.g. dict(path=...) of another real set
 ):
     """Detector features of the real images, from the on-disk cache when the same request was computed before."""
+    overrides = dict(dataset_overrides or {})
     # As NVIDIA's metrics: never the training subset (max_size); x-flip as trained except for the *_full metrics.
-    dataset = opts.dataset(max_size=None, xflip=False) if full else opts.dataset(max_size=None)
+    dataset = opts.dataset(**dict(overrides, max_size=None, xflip=False)) if full else opts.dataset(**dict(overrides, max_size=None))
     num_items = len(dataset) if max_items is None else min(max_items, len(dataset))
     detector = opts.detector
     cache_file = None
