@@ -10,18 +10,14 @@ import torch
 
 from stylegan2ada import cli
 from stylegan2ada.dataset import DatasetError, ImageFolderDataset
-from stylegan2ada.metrics import metric_main
+from stylegan2ada.metrics import detectors, metric_main
 from stylegan2ada.metrics.metric_utils import ImageSet
 from stylegan2ada.pickles import NetworkPickleError, evaluation_network, load_network_pkl
-from stylegan2ada.util import UserError, sha256_file
+from stylegan2ada.util import UserError, parse_list, sha256_file
 import taxogan_ext.dcgan  # noqa: F401  registers the DCGAN baseline's classes for pickles
 from taxogan_ext import taxon_metrics  # registers the 'taxon' detector kind and the acc_taxon metric
 from taxogan_ext import utility
 from taxogan_ext.taxon_detector import train_taxon_classifier
-
-
-def _parse_list(text):
-    return [item.strip() for item in text.split(',') if item.strip()]
 
 
 def load_generator(network_pkl):
@@ -158,7 +154,7 @@ def main(ctx, **kwargs):
         raise click.ClickException('--images needs --data, the real images to compare them with')
     if opts['heldout'] is not None and not os.path.exists(opts['heldout']):
         raise click.ClickException(f'--heldout {opts["heldout"]}: no such file or folder')
-    metrics = _parse_list(opts['metrics'])
+    metrics = parse_list(opts['metrics'])
     if not metrics:
         raise click.ClickException('--metrics is empty')
     used = {}
@@ -292,12 +288,13 @@ def utility_command(**kwargs):
         --generator Cyclopoida=runs/table3/Copepoda__Cyclopoida/network-snapshot-000005.pkl
     """
     opts = dict(kwargs)
-    metrics = _parse_list(opts['metrics'])
+    metrics = parse_list(opts['metrics'])
     if not metrics:
         raise click.ClickException('--metrics is empty')
     for name in metrics:
         if utility.parse_utility_metric(name) is None:
             raise click.ClickException(f'--metrics: unknown utility metric {name!r}; valid forms: {utility.FORMS}')
+    utility.check_filter(metrics, utility.options_from(opts))
     parsed = [parse_generator(text) for text in opts['generators']]
     taxa = [taxon for taxon, _, _ in parsed]
     if len(set(taxa)) != len(taxa):
@@ -317,6 +314,35 @@ def utility_command(**kwargs):
                 pkls={t: pkl for t, pkl, _ in parsed}, labels={t: label for t, _, label in parsed},
                 generator_sha256={t: sources[t].identity for t in taxa}, datasets=str(holdout.manifest.root),
                 heldout_fraction=holdout.record['fraction'], heldout_seed=holdout.record['seed']))
+
+
+
+@main.command('fetch-detectors')
+# Main options.
+@click.option('--cache', 'cache_dir',     help='Cache to fill  [default: $TAXOGAN_CACHE or ~/.cache/taxogan]', metavar='DIR', type=str, default=None)
+@click.option('--detectors', 'names',     help='Which downloadable detectors (comma list)', metavar='LIST', type=str, default=','.join(detectors.DOWNLOADABLE), show_default=True)
+@click.option('--quiet',                  help='No progress bars', is_flag=True)
+def fetch_detectors(cache_dir, names, quiet):
+    """Download every detector file a run may fetch (Inception, VGG16) into the cache and verify it.
+
+    \b
+    Run it where there is internet, then train with TAXOGAN_OFFLINE=1 (nothing tries the network) and the same cache:
+    python calc_metrics.py fetch-detectors --cache /shared/taxogan-cache
+    TAXOGAN_CACHE=/shared/taxogan-cache TAXOGAN_OFFLINE=1 python train_hier.py ...
+    """
+    chosen = parse_list(names)
+    unknown = [name for name in chosen if name not in detectors.DOWNLOADABLE]
+    if unknown or not chosen:
+        raise click.ClickException(f'--detectors {names}: choose among {", ".join(detectors.DOWNLOADABLE)}')
+    for name in chosen:
+        entry = detectors.DOWNLOADABLE[name]
+        # Downloads it unless present (checked against the SHA-256 recorded at download), then loads and runs it.
+        path = detectors.downloaded_detector_path(name, cache_dir=cache_dir, progress=not quiet)
+        features = detectors.resolve_detector(path).features(torch.zeros([1, 3, 32, 32], dtype=torch.uint8), 'cpu')
+        if features.shape != (1, entry.num_features):
+            raise click.ClickException(f'{path}: not a usable {entry.title} file (features of shape {list(features.shape)}, '
+                                       f'expected [1, {entry.num_features}]); delete it and fetch again')
+        click.echo(f'{entry.title}: {path} (SHA-256 {sha256_file(path)}, verified)')
 
 
 if __name__ == '__main__':

@@ -4,6 +4,7 @@ Examples:
     python dataset_tool_ext.py build --source bold_copepoda.tsv --dest datasets --ranks class,order
     python dataset_tool_ext.py build --source photos/ --dest datasets --min-size 0 --dry-run
     python dataset_tool_ext.py info datasets
+    python dataset_tool_ext.py synthesize --plan runs/demo --method descending --num 200 --outdir synthetic --format datasets,tree
 """
 
 import dataclasses
@@ -12,10 +13,11 @@ import types
 import click
 
 from stylegan2ada import cli
-from taxogan_ext import collection, taxonomy
+from taxogan_ext import collection, synthesize as synthesis, taxonomy
 
 # The build's defaults are declared once, in collection.BuildOptions; the options below show them.
 DEFAULTS = types.MappingProxyType({field.name: field.default for field in dataclasses.fields(collection.BuildOptions)})
+SYN_DEFAULTS = types.MappingProxyType({field.name: field.default for field in dataclasses.fields(synthesis.SynthesisOptions)})
 
 #----------------------------------------------------------------------------
 
@@ -85,6 +87,51 @@ def info(datasets, verify):
         if bad:
             raise click.ClickException(f'{len(bad)} of {len(manifest.taxa)} datasets do not match {taxonomy.MANIFEST_NAME}')
         click.echo(f'all {len(manifest.taxa)} datasets match their SHA-256')
+
+#----------------------------------------------------------------------------
+
+@cmdline.command()
+
+# Generators.
+@click.option('--plan',               help='train_hier.py experiment folder whose networks to use (with --method)', metavar='DIR', type=str, default=None)
+@click.option('--method',             help='Plan method whose network answers each target (direct, lateral, descending, conditional, ...)', metavar='NAME', type=str, default=None)
+@click.option('--generator', 'generators', help='A network per taxon instead of a plan (repeat); @CLASS: class index or name of a conditional one', metavar='TAXON=PKL[@CLASS]', type=str, multiple=True)
+@click.option('--taxa',               help='Taxa to export  [default: every target of the plan / every --generator]', metavar='LIST', type=str, default=None)
+@click.option('--datasets',           help='Datasets folder of the taxa (taxonomy, real images)  [default: the plan\'s]', metavar='DIR', type=str, default=None)
+
+# How many.
+@click.option('--num',                help='Synthetic images per taxon', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--top-up',             help='Instead of --num: each taxon up to this many images, its real ones included', metavar='INT', type=click.IntRange(min=1), default=None)
+
+# Sampling.
+@click.option('--trunc',              help='Truncation psi', metavar='FLOAT', type=click.FloatRange(min=-2, max=2), default=SYN_DEFAULTS['trunc'], show_default=True)
+@click.option('--noise-mode',         help='Noise mode', type=click.Choice(list(synthesis.NOISE_MODES)), default=SYN_DEFAULTS['noise_mode'], show_default=True)
+@click.option('--seed',               help='Base seed (each taxon\'s seeds derive from it and the taxon name)', metavar='INT', type=click.IntRange(min=0), default=SYN_DEFAULTS['seed'], show_default=True)
+
+# Filter.
+@click.option('--filter', 'filter',   help='Keep only images the taxon classifier assigns to their taxon', metavar='taxon:PATH', type=str, default=None)
+@click.option('--filter-threshold',   help='Minimum classifier probability of the image\'s taxon', metavar='P', type=click.FloatRange(min=0, max=1), default=SYN_DEFAULTS['filter_threshold'], show_default=True)
+@click.option('--max-tries-factor',   help='Generate at most this many times the images wanted per taxon', metavar='FLOAT', type=click.FloatRange(min=1), default=SYN_DEFAULTS['max_tries_factor'], show_default=True)
+
+# Output.
+@click.option('--outdir',             help='Export folder: one subfolder per format and synthesis.json', metavar='DIR', type=str, required=True)
+@click.option('--format', 'formats',  help=f'Comma list of {", ".join(synthesis.FORMATS)}', metavar='LIST', type=str, default=SYN_DEFAULTS['formats'], show_default=True)
+@click.option('--with-real',          help='Also write the taxa\'s real images (marked real)', is_flag=True)
+@click.option('--compress-level',     help='PNG compression level', metavar='INT', type=click.IntRange(min=0, max=9), default=SYN_DEFAULTS['compress_level'], show_default=True)
+@click.option('--device',             help='Device to run on', type=click.Choice(['auto', 'cpu', 'cuda']), default='cpu', show_default=True)
+@click.option('--quiet',              help='No progress bar', is_flag=True)
+
+def synthesize(quiet, **kwargs):
+    """Export generated images per taxon as a datasets folder, a folder tree or an EcoTaxa table, with provenance.
+
+    \b
+    Examples:
+    python dataset_tool_ext.py synthesize --plan runs/demo --method descending --num 200 --outdir synthetic
+    python dataset_tool_ext.py synthesize --generator Calanoida=cal.pkl --datasets datasets --top-up 500 \\
+        --with-real --format datasets,ecotaxa --filter taxon:taxon.pt --filter-threshold 0.8 --outdir synthetic
+    """
+    kwargs['generators'] = tuple(kwargs['generators'])
+    synthesis.synthesize(synthesis.SynthesisOptions(**kwargs), log=click.echo, progress=not quiet)
 
 #----------------------------------------------------------------------------
 

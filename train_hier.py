@@ -10,15 +10,17 @@ import click
 from stylegan2ada import cli, distributed
 from stylegan2ada.dataset import DatasetError, ImageFolderDataset
 from stylegan2ada.metrics import metric_main
-from stylegan2ada.metrics.detectors import resolve_detector
 from stylegan2ada.pickles import load_network_pkl
 from stylegan2ada.training_loop import TrainingDivergedError, TrainingInterrupted
-from stylegan2ada.util import UserError
-from taxogan_ext import hierarchy, report, taxonomy, training, utility
+from stylegan2ada.util import DiskFullError, UserError, is_disk_full
+from taxogan_ext import disk, hierarchy, report, taxonomy, training, utility
 
 # train.py options the plan sets per stage, or replaces with its own: every other one is passed to all stages.
 HOLDOUT_DIR = '_holdout'     # OUTDIR/_holdout: the training-only datasets of --holdout, heldout.zip, heldout.json
 PLAN_OWNED = ('outdir', 'run_dir', 'data', 'kimg', 'resume', 'resume_mode', 'cond', 'dry_run', 'metrics')
+# Snapshots each stage keeps without --keep-snaps: the newest (the final one once trained: what the report, the stages
+# starting from it and a rerun read; while training, what a rerun continues from), plus the best by --snap-metrics.
+DEFAULT_KEEP_SNAPS = 1
 
 
 def passthrough_names():
@@ -75,6 +77,12 @@ def train_stage(stage, run_dir, resume_snapshot, start_pkl, progress_callback):
         raise training.RunStopped(f'stage {stage.key}: {exc}; {continue_hint()}') from None
     except TrainingDivergedError as exc:
         raise TrainingDivergedError(f'stage {stage.key}: training diverged: {exc}') from None
+    except (DiskFullError, OSError) as exc:
+        if not isinstance(exc, DiskFullError) and not is_disk_full(exc):
+            raise
+        # The plan stops here; every finished stage is kept, and the same command continues this one.
+        raise DiskFullError(f'stage {stage.key}: {training.disk_full_text(exc)}; once space is freed, '
+                            f'{continue_hint()}') from None
     except UserError as exc:
         raise UserError(f'stage {stage.key}: {exc}') from None
 
@@ -136,6 +144,8 @@ def main(**kwargs):
     train_opts = {name: opts[name] for name in passthrough_names() if opts[name] != getattr(defaults, name)}
     if opts['snap_metrics'] not in (None, '', 'none'):
         train_opts['metrics'] = opts['snap_metrics']
+    train_opts['keep_snaps'] = opts['keep_snaps'] or DEFAULT_KEEP_SNAPS
+    train_opts.pop('no_space_check', None)      # checked for the whole plan, below
     c = dict(datasets=opts['datasets'], outdir=opts['outdir'], method=opts['method'] or ('direct' if opts['resume'] else 'descending'),
              targets=opts['targets'], parent=opts['parent'], depth=opts['depth'], donor=opts['donor'], resume=opts['resume'],
              kimg_parent=opts['kimg_parent'], kimg_child=opts['kimg_child'], cond_finetune=opts['cond_finetune'],
@@ -143,7 +153,7 @@ def main(**kwargs):
              metrics=hierarchy.parse_metrics(opts['metrics']), detector=opts['detector'], cache=opts['cache'],
              device=opts['device'], train_options=train_opts, report=opts['report'], progress=not opts['quiet'],
              dry_run=opts['dry_run'], holdout=opts['holdout'], holdout_seed=opts['holdout_seed'],
-             utility=utility.options_from(opts))
+             utility=utility.options_from(opts), space_check=not opts['no_space_check'])
     run(c)
 
 
@@ -158,6 +168,40 @@ def split_metrics(names):
     return stage_metrics, method_metrics
 
 
+def plan_disk_estimate(
+    c,                  # the plan's config dict (outdir, holdout, report)
+    plan,               # hierarchy.Plan
+    states,             # hierarchy.plan_states() of it
+):
+    """disk.DiskEstimate of what running the plan still writes: stages to train, derived datasets, split, report."""
+    estimate = disk.DiskEstimate()
+    resolution = 0
+    for stage in plan.stages:
+        state = states[stage.key]
+        if state.status in ('done', 'evaluate'):
+            continue
+        run_dir = os.path.join(c['outdir'], stage.key)
+        config = stage_config(stage, run_dir, hierarchy.stage_start_pkl(stage, c['outdir'], final=False))
+        training_set = disk.open_run_dataset(config)
+        resolution = max(resolution, training_set.resolution)
+        start_nimg = int(state.done_kimg * 1000) if state.status == 'resume' else 0
+        start_tick = 1 if start_nimg else 0     # a continued stage is past its first tick
+        estimate.add(disk.run_estimate(config, training_set, keep_snaps=stage.train_options.get('keep_snaps'),
+                                       start_nimg=start_nimg, start_tick=start_tick))
+        if stage.derived is not None and not os.path.isfile(stage.derived.path):
+            estimate.add_part('datasets', disk.zip_bytes([stage.derived.source]))
+    if c.get('holdout') is not None and not os.path.isfile(os.path.join(c['outdir'], HOLDOUT_DIR, utility.HOLDOUT_FILE)):
+        manifest = taxonomy.load_manifest(c['datasets'])
+        estimate.add_part('datasets', disk.zip_bytes([manifest.dataset_path(name) for name in manifest.taxa]))
+    if c.get('report', True) and resolution:
+        rows = {}                   # taxon -> grid rows: its real images, then each network evaluated on it
+        for stage in plan.stages:
+            for ev in stage.evaluations:
+                rows[ev.taxon] = rows.get(ev.taxon, 1) + 1
+        estimate.add_part('report', disk.report_bytes(list(rows.values()), resolution))
+    return estimate
+
+
 def plan_datasets(c):
     """The datasets folder the plan trains on: --datasets, or its held-out split under OUTDIR (written unless a dry run)."""
     if c.get('holdout') is None:
@@ -165,6 +209,12 @@ def plan_datasets(c):
     dest = os.path.join(c['outdir'], HOLDOUT_DIR)
     if c['dry_run']:
         return dest if os.path.isfile(os.path.join(dest, utility.HOLDOUT_FILE)) else c['datasets']
+    if c.get('space_check', True) and not os.path.isfile(os.path.join(dest, utility.HOLDOUT_FILE)):
+        # The split copies every dataset zip (less the held-out images); the plan's own check comes after it.
+        source = taxonomy.load_manifest(c['datasets'])
+        estimate = disk.DiskEstimate()
+        estimate.add_part('held-out split', disk.zip_bytes([source.dataset_path(name) for name in source.taxa]))
+        disk.check_free_space(estimate, dest)
     utility.write_holdout_split(c['datasets'], dest, c['holdout'], c.get('holdout_seed', 0), log=click.echo)
     return dest
 
@@ -176,6 +226,7 @@ def run(c):
         raise hierarchy.PlanError('train_hier.py does not run under torchrun: use --gpus N on one machine, or train.py '
                                   'under torchrun for one stage at a time (see python train_hier.py --dry-run for the stages)')
     stage_metrics, method_metrics = split_metrics(c['metrics'])
+    utility.check_filter(method_metrics, c['utility'])
     for name in hierarchy.parse_list(c['train_options'].get('metrics')):
         metric_main.parse_metric_name(name)
     if c['resume'] is not None and not os.path.isfile(c['resume']):
@@ -188,16 +239,24 @@ def run(c):
         records = hierarchy.read_results(os.path.join(c['outdir'], hierarchy.RESULTS_FILE))
         states = hierarchy.plan_states(plan, records, stage_metrics, c['detector'])
         click.echo(hierarchy.format_plan(plan, states))
+        try:
+            click.echo(disk.describe_check(plan_disk_estimate(c, plan, states), c['outdir']))
+        except UserError as exc:
+            click.echo(f'Disk: no estimate ({exc})')
         return
     holdout = utility.load_holdout(manifest.root) if method_metrics else None
 
-    # Fail now rather than after hours of training: every stage's data and options, and the detector.
+    # Fail now rather than after hours of training: every stage's data and options, the disk space, and the detector.
     for stage in plan.stages:
         if stage.derived is not None:
             hierarchy.write_derived_zip(stage.derived)
         stage_config(stage, os.path.join(c['outdir'], stage.key), hierarchy.stage_start_pkl(stage, c['outdir'], final=False))
+    if c.get('space_check', True):
+        records = hierarchy.read_results(os.path.join(c['outdir'], hierarchy.RESULTS_FILE))
+        states = hierarchy.plan_states(plan, records, stage_metrics, c['detector'])
+        disk.check_free_space(plan_disk_estimate(c, plan, states), c['outdir'])
     if stage_metrics or hierarchy.parse_list(c['train_options'].get('metrics')):
-        _ = resolve_detector(c['detector'], cache_dir=c['cache']).id   # finds (or downloads) and hashes it now
+        _ = training.resolve_offline(c['detector'], cache_dir=c['cache']).id   # finds (or downloads) and hashes it now
 
     device = cli.pick_device(c['device'])
     evaluate = functools.partial(hierarchy.evaluate_pickle, device=device, cache_dir=c['cache'], progress=c['progress'])

@@ -1,7 +1,8 @@
 """What every command-line tool shares: user errors as one line, the torch device, and stop signals.
 
 - `Command` / `Group` (click classes): a `UserError` raised anywhere below a command prints as one line
-  (`Error: <message>`) and exits with status 1; any other exception keeps its traceback, since it is a bug.
+  (`Error: <message>`) and exits with status 1, and so does a full disk met by a write that does not say so itself;
+  any other exception keeps its traceback, since it is a bug.
 - `pick_device`: 'auto', 'cpu', 'cuda' or 'cuda:N' -> torch.device, or a UserError naming the option.
 - `option_field` / `dataclass_options`: options declared once, as dataclass fields carrying their click help, type and
   metavar, and added to any number of commands.
@@ -13,15 +14,38 @@
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import threading
 
 import click
 import torch
 
-from .util import UserError
+from .util import UserError, disk_full_error, is_disk_full
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def parse_range(
+    text,               # e.g. '0-3,7'
+    option  = None,     # how an error names the option, e.g. '--seeds'; None = no name
+):
+    """'0-3,7' -> [0, 1, 2, 3, 7]; UserError (one line, naming the option) when it does not parse."""
+    where = f'{option} {text}: ' if option else ''
+    values = []
+    for part in str(text).split(','):
+        part = part.strip()
+        match = re.fullmatch(r'(\d+)-(\d+)', part)
+        if match:
+            lo, hi = int(match.group(1)), int(match.group(2))
+            if hi < lo:
+                raise UserError(f'{where}empty range {part!r}')
+            values.extend(range(lo, hi + 1))
+        elif re.fullmatch(r'\d+', part):
+            values.append(int(part))
+        else:
+            raise UserError(f'{where}cannot parse {part!r}; expected numbers and ranges like 0-7,12')
+    return values
 
 
 def option_field(
@@ -76,26 +100,42 @@ def typed_values(obj):
             object.__setattr__(obj, field.name, click_type(value))     # frozen dataclasses too
 
 
+def _one_line_error(exc):
+    """The click.ClickException of a UserError or of a full disk; None for anything else (a bug: keep the traceback)."""
+    if isinstance(exc, UserError):
+        return click.ClickException(str(exc))
+    if is_disk_full(exc):
+        # A write with no atomic_write of its own (a log line, a library's file): the OSError names the file, if any.
+        return click.ClickException(str(disk_full_error(exc.filename or os.getcwd())))
+    return None
+
+
 class Command(click.Command):
-    """A click command whose UserErrors print as one line (click.ClickException), without a traceback."""
+    """A click command whose UserErrors (and full disks) print as one line (click.ClickException), without a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except UserError as exc:
-            raise click.ClickException(str(exc)) from None
+        except (UserError, OSError) as exc:
+            error = _one_line_error(exc)
+            if error is None:
+                raise
+            raise error from None
 
 
 class Group(click.Group):
-    """A click group whose callback's and subcommands' UserErrors print as one line."""
+    """A click group whose callback's and subcommands' UserErrors (and full disks) print as one line."""
 
     command_class = Command
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except UserError as exc:
-            raise click.ClickException(str(exc)) from None
+        except (UserError, OSError) as exc:
+            error = _one_line_error(exc)
+            if error is None:
+                raise
+            raise error from None
 
 
 def pick_device(

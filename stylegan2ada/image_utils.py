@@ -1,10 +1,12 @@
 """Image generation, conversions and grids shared by generate.py, training snapshots and reports."""
 
+import os
+
 import numpy as np
 import PIL.Image
 import torch
 
-from .util import atomic_write
+from .util import atomic_write, make_temp_file
 
 
 def to_uint8(images):
@@ -72,3 +74,42 @@ def generate_images(
             img = G(z, c.expand(len(chunk), -1), truncation_psi=truncation_psi, noise_mode=noise_mode)
         out.append(to_uint8(img).cpu())
     return torch.cat(out)
+
+
+def video_writer_module():
+    """imageio (v2 API) when it can write mp4 (imageio-ffmpeg installed), else None: neither is a dependency."""
+    try:
+        import imageio.v2 as imageio
+        import imageio_ffmpeg  # noqa: F401  imageio writes mp4 only through it
+    except ImportError:
+        return None
+    return imageio
+
+
+def write_video(
+    frames,             # uint8 arrays [H, W, C]
+    stem,               # path without the extension
+    fps,                # frames per second
+):
+    """stem.mp4 when imageio with ffmpeg is installed, else an animated stem.gif (Pillow); returns the path."""
+    imageio = video_writer_module()
+    if imageio is not None:
+        path = stem + '.mp4'
+        fd, tmp = make_temp_file(os.path.dirname(os.path.abspath(path)), prefix='.tmp-' + os.path.basename(path) + '.',
+                                 suffix='.mp4')
+        os.close(fd)
+        try:
+            with imageio.get_writer(tmp, mode='I', fps=fps, codec='libx264') as writer:
+                for frame in frames:
+                    writer.append_data(frame)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        return path
+    path = stem + '.gif'
+    images = [PIL.Image.fromarray(f[:, :, 0] if f.shape[2] == 1 else f).convert('RGB') for f in frames]
+    with atomic_write(path, 'wb') as f:
+        images[0].save(f, format='GIF', save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return path

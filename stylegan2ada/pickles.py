@@ -306,12 +306,38 @@ def evaluation_network(
     return G
 
 
+def load_style_generator(
+    pkl,                # network pickle path
+    device  = 'cpu',    # torch device
+):
+    """The pickle's StyleGAN2 generator (G_ema, else G) on `device`; NetworkPickleError (one line) for anything else."""
+    try:
+        G = evaluation_network(load_network_pkl(pkl))
+    except NetworkPickleError as exc:
+        raise NetworkPickleError(f'{pkl}: the pickle holds no generator' if str(exc).startswith('the pickle') else str(exc)) from None
+    if not (hasattr(G, 'mapping') and hasattr(G, 'synthesis')):
+        raise NetworkPickleError(f'{pkl}: the generator ({type(G).__name__}) has no mapping and synthesis networks '
+                                 f'(a StyleGAN2 generator is needed)')
+    return G.to(device)
+
+
+def tensor_bytes(value):
+    """Bytes of the tensors in a nested structure of dicts, lists and tuples (about a pickle's size, for messages)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
 def save_network_pkl(
     path,   # destination .pkl; written to a temporary file first, then renamed
     data,   # dict with modules (G, D, G_ema, augment_pipe) and plain data (tensors, numbers, strings, dicts)
 ):
-    """Write a network pickle atomically."""
+    """Write a network pickle atomically (a full disk: a one-line DiskFullError, the old file untouched)."""
     payload = _to_records(dict(data))
     payload['format'] = PICKLE_FORMAT
-    with atomic_write(path, 'wb', fsync=True) as f:
+    with atomic_write(path, 'wb', fsync=True, size_hint=tensor_bytes(payload)) as f:
         pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)

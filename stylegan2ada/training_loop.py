@@ -4,7 +4,9 @@ Semantics follow NVIDIA's stylegan2-ada-pytorch; differences are deliberate and 
 - snapshots carry the whole training state (`progress`), so resuming one of our snapshots continues
   cur_nimg, augment p, optimizer moments, loss and extra-term state and RNG states;
 - a snapshot is also written when the run is interrupted (Ctrl-C / SIGTERM);
-- non-finite losses stop the run with a message naming the tick and the term.
+- non-finite losses stop the run with a message naming the tick and the term;
+- `keep_snapshots` keeps only the newest snapshots (and the best by the first snapshot metric), deleting older ones
+  only once a new one is complete; a full disk stops the run with one line (DiskFullError), the workers ended.
 """
 
 import copy
@@ -30,9 +32,12 @@ from .loss import StyleGAN2Loss
 from .metrics import metric_main
 from .metrics.detectors import resolve_detector
 from .training_stats import StatsCollector
-from .util import UserError, format_duration, remove_stale_temp_files, worker_init_ignoring_stop_signals
+from .util import UserError, disk_full_as_user_error, format_duration, remove_stale_temp_files, worker_init_ignoring_stop_signals
 
 SNAPSHOT_RE = re.compile(r'^network-snapshot-(\d+)\.pkl$')
+# Metric families whose best value is the highest (accuracy, precision/recall, density/coverage); the others (FID,
+# KID, ...) are distances: lower is better.
+HIGHER_IS_BETTER = ('acc', 'pr', 'dc')
 STOP_CHECK_INTERVAL = 8     # iterations between the processes' agreements on a requested stop (several processes)
 
 
@@ -54,6 +59,69 @@ def latest_snapshot(run_dir):
         return None
     found = [(int(m.group(1)), name) for name in os.listdir(run_dir) if (m := SNAPSHOT_RE.match(name))]
     return os.path.join(run_dir, max(found)[1]) if found else None
+
+
+def snapshot_names(run_dir):
+    """File names of the network-snapshot-*.pkl in run_dir, oldest (fewest kimg) first."""
+    found = [(int(m.group(1)), name) for name in os.listdir(run_dir) if (m := SNAPSHOT_RE.match(name))]
+    return [name for _, name in sorted(found)]
+
+
+def best_snapshot(
+    run_dir,            # run folder with metric-<metric>.jsonl
+    metric,             # metric name (its family says whether higher or lower is better)
+):
+    """(file name, value) of the existing snapshot with the best value of `metric` in its log; (None, None) if none."""
+    path = os.path.join(run_dir, f'metric-{metric}.jsonl')
+    if not os.path.isfile(path):
+        return None, None
+    values = {}                 # file name -> value of its newest line (a file name may be written again)
+    with open(path, encoding='utf-8') as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue        # a line cut short by a kill
+            value = (record.get('results') or {}).get(metric)
+            name = record.get('snapshot_pkl')
+            if name and isinstance(value, (int, float)) and value == value:
+                values[name] = value
+    values = {name: value for name, value in values.items() if os.path.isfile(os.path.join(run_dir, name))}
+    if not values:
+        return None, None
+    higher = metric_main.parse_metric_name(metric).family in HIGHER_IS_BETTER
+    name = (max if higher else min)(values, key=values.get)
+    return name, values[name]
+
+
+def snapshots_to_remove(
+    run_dir,                # run folder
+    keep,                   # number of newest snapshots to keep (the newest is the final one at the end of a run)
+    best_metric = None,     # the best snapshot by this metric's log is kept too; None = no metric
+):
+    """(file names to delete, file name of the best snapshot or None): all snapshots but the newest `keep` and the best."""
+    names = snapshot_names(run_dir)
+    best = best_snapshot(run_dir, best_metric)[0] if best_metric else None
+    kept = set(names[-keep:]) | ({best} if best else set())
+    return [name for name in names if name not in kept], best
+
+
+def _remove_snapshot(path):
+    os.remove(path)
+
+
+def prune_snapshots(
+    run_dir,                # run folder; called only after its newest snapshot is complete
+    keep,                   # number of newest snapshots to keep
+    best_metric = None,     # the best snapshot by this metric is kept too; None = no metric
+):
+    """Delete the snapshots snapshots_to_remove() names; returns (removed file names, best file name or None)."""
+    # Deleting only after the new snapshot has been renamed into place: a kill at any moment leaves every snapshot that
+    # is not yet superseded, and the next call removes what this one did not.
+    removed, best = snapshots_to_remove(run_dir, keep, best_metric)
+    for name in removed:
+        _remove_snapshot(os.path.join(run_dir, name))
+    return removed, best
 
 
 def copy_params_and_buffers(
@@ -431,14 +499,17 @@ class _TickLog:
         if self.rank != 0:
             return
         print(text, flush=True)
-        with open(os.path.join(self.run_dir, 'log.txt'), 'a') as f:
-            f.write(text + '\n')
+        self._append('log.txt', text + '\n')
 
     def stats(self, record):
         if self.rank != 0:
             return
-        with open(os.path.join(self.run_dir, 'stats.jsonl'), 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        self._append('stats.jsonl', json.dumps(record) + '\n')
+
+    def _append(self, name, text):
+        path = os.path.join(self.run_dir, name)
+        with disk_full_as_user_error(path, needed=len(text.encode())), open(path, 'a') as f:
+            f.write(text)
 
 
 def training_loop(
@@ -473,6 +544,7 @@ def training_loop(
     kimg_per_tick           = 4,            # progress report interval in kimg
     image_snapshot_ticks    = 50,           # fakes grid every N ticks; None = never
     network_snapshot_ticks  = 50,           # network pickle every N ticks; None = only at the end
+    keep_snapshots          = None,         # keep the newest N network pickles (and the best by metrics[0]); None = all
     image_grid_size         = None,         # (columns, rows) of the fakes grid; None = fit ~64 images
     resume_pkl              = None,         # pickle to start from; None = from scratch
     resume_mode             = 'auto',       # 'full' = restore progress, 'weights' = fine-tune, 'auto' = full if the pickle has progress
@@ -720,6 +792,12 @@ def training_loop(
                 snapshot_pkl = save_snapshot(cur_tick + 1)
                 if metrics:
                     _evaluate(metrics, G_ema, training_set_kwargs, detector, num_gpus, rank, device, run_dir, snapshot_pkl, log)
+                if keep_snapshots is not None and rank == 0:
+                    # After the metrics: the new snapshot's value decides which one is the best.
+                    removed, best = prune_snapshots(run_dir, keep_snapshots, metrics[0] if metrics else None)
+                    if removed:
+                        log.line(f'  removed {", ".join(removed)} (keeping the newest {keep_snapshots}'
+                                 f'{f" and the best by {metrics[0]}, {best}" if best else ""})')
 
             collected = stats.collect(all_reduce=num_gpus > 1)
             record = {name: value for name, value in collected.items()}
@@ -744,6 +822,10 @@ def training_loop(
         snapshot_pkl = save_snapshot(cur_tick)
         log.line(f'Interrupted at kimg {cur_nimg / 1000:.3f}; snapshot written to {snapshot_pkl}')
         raise TrainingInterrupted(snapshot_pkl) from None
+    finally:
+        # Ends the DataLoader workers now, whatever stopped the run (a full disk, a bug): the exception's traceback
+        # would otherwise keep this frame, and with it the iterator and its workers, alive until the process exits.
+        training_set_iterator = None
 
     log.line('Exiting...')
     return snapshot_pkl

@@ -1,11 +1,14 @@
 """Small shared helpers: the user-error base class, file hashes, atomic file writes (with the permissions open()
-gives), DataLoader workers that leave stop signals to the main process, and human-readable durations."""
+gives; a full disk becomes one line naming the file and the space), DataLoader workers that leave stop signals to the
+main process, and human-readable durations and sizes."""
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -20,6 +23,89 @@ class UserError(Exception):
     Every error of this kind derives from it; the command-line tools print it without a traceback (stylegan2ada.cli),
     and any other exception keeps its traceback, since it is a bug.
     """
+
+
+class DiskFullError(UserError):
+    """A write failed for lack of space (or of quota); the message names the file, the space it needed and the space free."""
+
+
+# errno values that mean "no room for these bytes": the device is full, or the user's quota is spent.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc):
+    """True for an OSError saying that the disk (or the quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+def format_bytes(num_bytes):
+    """1536 -> '1.5 KiB'; 630 * 2**20 -> '630 MiB'; None -> 'unknown'."""
+    if num_bytes is None:
+        return 'unknown'
+    value = float(num_bytes)
+    for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
+        if abs(value) < 1024 or unit == 'TiB':
+            if unit == 'B':
+                return f'{int(value)} B'
+            return f'{value:.3g} {unit}' if abs(value) < 100 else f'{value:.0f} {unit}'
+        value /= 1024
+    return f'{value:.3g} TiB'
+
+
+def existing_folder(path):
+    """The nearest folder at or above `path` that exists (where a file for `path` would use space)."""
+    folder = os.path.abspath(os.fspath(path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def free_space(path):
+    """Bytes free for this user on the file system that holds `path` (or would hold it); None when unknown."""
+    try:
+        return shutil.disk_usage(existing_folder(path)).free
+    except OSError:
+        return None
+
+
+def disk_full_error(
+    path,                   # the file that could not be written
+    written     = None,     # bytes of it written before the disk filled; None = unknown
+    needed      = None,     # bytes the whole file needs (an estimate); None = unknown
+):
+    """The DiskFullError for a write of `path` that found the disk full: one line with the space needed and free."""
+    if needed is not None and written is not None and needed > written:
+        need = f'needs about {format_bytes(needed)} ({format_bytes(written)} written, {format_bytes(needed - written)} to go)'
+    elif needed is not None:
+        need = f'needs about {format_bytes(needed)}'
+    elif written:
+        need = f'needs more than the {format_bytes(written)} written before the disk filled'
+    else:
+        need = 'needs more space'
+    return DiskFullError(f'disk full writing {path}: it {need}, {format_bytes(free_space(path))} free on '
+                         f'{existing_folder(os.path.dirname(os.path.abspath(os.fspath(path))))}; earlier files are untouched')
+
+
+@contextlib.contextmanager
+def disk_full_as_user_error(
+    path,                   # the file written within the block (named by the message)
+    needed      = None,     # bytes the write needs; None = unknown
+):
+    """Within the block, an OSError saying the disk is full becomes a one-line DiskFullError naming `path`."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise disk_full_error(path, needed=needed) from exc
+
+
+def parse_list(text) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']; a list or tuple passes through (stripped); None -> []."""
+    if text is None:
+        return []
+    items = list(text) if isinstance(text, (list, tuple)) else str(text).split(',')
+    return [str(item).strip() for item in items if str(item).strip()]
 
 
 def sha256_file(
@@ -76,15 +162,18 @@ def atomic_write(
     path,               # final file path; its folder is created if missing
     mode    = 'w',      # 'w' (text, UTF-8) or 'wb'
     fsync   = False,    # flush to disk before the rename (for large, precious files)
+    size_hint = None,   # bytes the file will have (for the message when the disk fills); None = unknown
 ):
     """Open a temporary file beside `path` for writing; rename it over `path` only if the block succeeds.
 
-    The final file gets the permissions open() would give (0o666 minus the umask).
+    The final file gets the permissions open() would give (0o666 minus the umask). When the disk (or quota) fills, the
+    temporary file is removed, `path` keeps its old content, and a one-line DiskFullError says how much was needed.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = make_temp_file(folder, prefix=f'{TEMP_PREFIX}{os.path.basename(path)}.')
+    with disk_full_as_user_error(path, needed=size_hint):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = make_temp_file(folder, prefix=f'{TEMP_PREFIX}{os.path.basename(path)}.')
     try:
         with os.fdopen(fd, mode, **({} if 'b' in mode else {'encoding': 'utf-8', 'newline': ''})) as f:
             yield f
@@ -92,9 +181,14 @@ def atomic_write(
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        written = None
         if os.path.exists(tmp):
+            written = os.path.getsize(tmp)
             os.remove(tmp)
+        if is_disk_full(exc):
+            # Measured after the removal: the space free is what the user has to work with now.
+            raise disk_full_error(path, written=written, needed=size_hint) from exc
         raise
 
 

@@ -31,7 +31,7 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.util.retry import Retry
 
-from stylegan2ada.util import UserError, atomic_write, make_temp_file, sha256_file, write_json_atomic
+from stylegan2ada.util import UserError, atomic_write, make_temp_file, parse_list, sha256_file, write_json_atomic
 from taxogan_ext import taxonomy
 
 DEFAULT_RANK_COLS = ('phylum_name', 'class_name', 'order_name', 'family_name', 'genus_name', 'species_name')
@@ -70,13 +70,6 @@ def _is_url(text: str) -> bool:
 
 def _missing(value) -> bool:
     return value is None or value.strip().lower() in MISSING_VALUES
-
-def _parse_list(text) -> list[str]:
-    if text is None:
-        return []
-    if isinstance(text, (list, tuple)):
-        return [str(item).strip() for item in text if str(item).strip()]
-    return [item.strip() for item in str(text).split(',') if item.strip()]
 
 def detect_format(source: Path) -> str:
     """'tree' for a folder, 'ecotaxa' for a table with EcoTaxa's columns, else 'bold'."""
@@ -658,7 +651,7 @@ def format_dropped(counts: dict) -> str:
 
 def checked_options(options: BuildOptions) -> BuildOptions:
     """The options with lists parsed and defaults filled in (workers, cache); CollectionError for a bad value."""
-    ranks = _parse_list(options.ranks)
+    ranks = parse_list(options.ranks)
     if not ranks:
         raise CollectionError('--ranks is empty: name the ranks to build datasets for, e.g. class,order')
     if options.resolution < 4 or options.resolution & (options.resolution - 1):
@@ -669,8 +662,8 @@ def checked_options(options: BuildOptions) -> BuildOptions:
         raise CollectionError(f'--channels {options.channels}: must be 1, 3 or auto')
     cache = Path(options.cache) if options.cache else Path(options.dest) / '.download-cache'
     return dataclasses.replace(options, ranks=tuple(ranks),
-                               rank_cols=tuple(_parse_list(options.rank_cols) or DEFAULT_RANK_COLS),
-                               tree_ranks=tuple(_parse_list(options.tree_ranks) or ranks),
+                               rank_cols=tuple(parse_list(options.rank_cols) or DEFAULT_RANK_COLS),
+                               tree_ranks=tuple(parse_list(options.tree_ranks) or ranks),
                                channels=str(options.channels), workers=options.workers or default_workers(),
                                cache=str(cache))
 

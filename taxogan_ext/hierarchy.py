@@ -39,7 +39,7 @@ from stylegan2ada.metrics import metric_main
 from stylegan2ada.metrics.detectors import DetectorError, resolve_detector
 from stylegan2ada.pickles import evaluation_network, load_network_pkl
 from stylegan2ada.training_loop import latest_snapshot
-from stylegan2ada.util import UserError, atomic_write, sha256_file, write_json_atomic
+from stylegan2ada.util import UserError, atomic_write, parse_list, sha256_file, write_json_atomic  # noqa: F401  (parse_list: hierarchy.parse_list for its callers)
 # Plug-ins evaluate_pickle needs: the DCGAN baseline's classes (its pickles load), the taxon detector and acc metrics.
 from taxogan_ext import dcgan, taxon_metrics  # noqa: F401
 
@@ -56,7 +56,8 @@ PLAN_FORMAT     = 'taxogan-plan/1'
 
 # train.py options that change how a run is reported or scheduled, not the network it produces:
 # changing them never makes a finished stage stale.
-NON_RESULT_OPTIONS = ('snap', 'tick', 'workers', 'nobench', 'cuda_graphs', 'metrics', 'detector', 'device')
+NON_RESULT_OPTIONS = ('snap', 'tick', 'workers', 'nobench', 'cuda_graphs', 'metrics', 'detector', 'device', 'keep_snaps',
+                      'no_space_check')
 # Options that only make sense when a stage starts from a trained network (Freeze-D on a random D freezes noise;
 # a partial transfer needs something to transfer from).
 FINETUNE_ONLY_OPTIONS = ('freezed', 'resume_partial')
@@ -147,13 +148,6 @@ class Plan:
 
 def _safe(name: str) -> str:
     return re.sub(r'[^A-Za-z0-9._()+-]', '_', name)
-
-def parse_list(text) -> list[str]:
-    """'a, b,,c' -> ['a', 'b', 'c']; a list passes through; None -> []."""
-    if text is None:
-        return []
-    items = text.split(',') if isinstance(text, str) else list(text)
-    return [item.strip() for item in items if item and item.strip()]
 
 def parse_metrics(text, option: str = '--metrics') -> list[str]:
     """Metric names of a comma list; 'none' (or nothing) = no evaluation, as train.py's --metrics none."""
@@ -604,6 +598,34 @@ def row_generators(plan: Plan, outdir) -> dict[str, dict[str, RowGenerator]]:
         out.setdefault(row.method, {})[row.target] = RowGenerator(
             stage=key, pkl=str(folder / read_json(folder / STAGE_FILE)['final_pkl']), sha256=sha, label=label)
     return out
+
+def plan_from_dict(data: dict, outdir) -> Plan:
+    """A Plan from its plan.json data (Plan.to_dict's); PlanError naming the file when it does not fit."""
+    where = Path(outdir) / PLAN_FILE
+    if not isinstance(data, dict) or data.get('format') != PLAN_FORMAT:
+        raise PlanError(f'{where}: not a plan (format {data.get("format") if isinstance(data, dict) else None!r}, '
+                        f'expected {PLAN_FORMAT!r})')
+
+    def derived(d):
+        return None if d is None else DerivedData(**dict(d, label_names=tuple(d['label_names'])))
+
+    try:
+        stages = [Stage(**dict(s, chain=tuple(s['chain']), derived=derived(s['derived']),
+                               evaluations=tuple(Evaluation(**dict(e, derived=derived(e['derived'])))
+                                                 for e in s['evaluations'])))
+                  for s in data['stages']]
+        rows = [Row(**r) for r in data['rows']]
+        return Plan(stages=stages, rows=rows, methods=list(data['methods']), targets=list(data['targets']),
+                    datasets=str(data['datasets']), outdir=str(outdir))
+    except (KeyError, TypeError) as exc:
+        raise PlanError(f'{where}: written by another version of train_hier.py ({type(exc).__name__}: {exc})') from None
+
+def load_plan(outdir) -> Plan:
+    """The plan an experiment folder was trained with (OUTDIR/plan.json); PlanError when there is none."""
+    data = read_json(Path(outdir) / PLAN_FILE)
+    if data is None:
+        raise PlanError(f'{Path(outdir) / PLAN_FILE}: no such file or not JSON (train the plan with train_hier.py first)')
+    return plan_from_dict(data, outdir)
 
 def plan_states(plan: Plan, records, metrics, detector, read_progress=True, detector_id=None) -> dict[str, StageState]:
     """StageState of every stage, in plan order, as the dry run shows them (detector_id: detector_identity's, if known)."""

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import click
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from stylegan2ada import cli
 from stylegan2ada.dataset import ImageFolderDataset
 from stylegan2ada.image_utils import generate_images, save_png_atomic
+from stylegan2ada.metrics.detectors import resolve_detector
 from stylegan2ada.pickles import evaluation_network, load_network_pkl
 from stylegan2ada.util import UserError, write_text_atomic
 from taxogan_ext import dcgan  # noqa: F401  (registers the DCGAN baseline's classes for its pickles)
@@ -57,6 +59,11 @@ GRID_FILE = 'grid-{}.png'
 OVERVIEW_FILE = 'overview.png'
 CURVES_FILE = 'curves.png'
 GAIN_FILE = 'gain.png'
+CLOSEST_FILE = 'closest-{}.png'
+# Results of the k-NN metric families (stylegan2ada.metrics): (family, result-name ending, table label, CSV field).
+KNN_RESULTS = (('pr', '_precision', 'P', 'precision'), ('pr', '_recall', 'R', 'recall'),
+               ('dc', '_density', 'D', 'density'), ('dc', '_coverage', 'C', 'coverage'),
+               ('mem', '_share', 'copies', 'copy_share'), ('mem', '_ct', 'C_T', 'copy_ct'))
 BALANCED = 'balanced mean'
 
 #----------------------------------------------------------------------------
@@ -95,6 +102,25 @@ def metric_value(record: dict, family: str):
         if name.startswith(family):
             return name, value
     return None, None
+
+def knn_value(record: dict, family: str, ending: str):
+    """(name, value) of the record's first result of a k-NN family ('pr', 'dc', 'mem') ending in e.g. '_recall'."""
+    for name, value in record.get('metrics', {}).items():
+        if name.startswith(family) and name.endswith(ending):
+            return name, value
+    return None, None
+
+def _knn_cell(record) -> str:
+    """'P 0.812 R 0.450 · copies 0.020 (C_T +0.31)': the k-NN results a record has, '-' for none."""
+    if record is None:
+        return '-'
+    found = {label: knn_value(record, family, ending)[1] for family, ending, label, _ in KNN_RESULTS}
+    parts = [' '.join(f'{label} {_fmt(found[label])}' for label in pair if found[label] is not None)
+             for pair in (('P', 'R'), ('D', 'C'))]
+    if found['copies'] is not None:
+        parts.append(f'copies {_fmt(found["copies"])} (C_T {found["C_T"]:+.2f})' if found['C_T'] is not None
+                     else f'copies {_fmt(found["copies"])}')
+    return ' · '.join(p for p in parts if p) or '-'
 
 def detector_label(spec: str | None) -> str:
     """'Inception', 'taxon classifier (taxon.pt)' or the file name of another detector."""
@@ -232,6 +258,15 @@ def hier_markdown(records, title='Results', utility_records=()) -> str:
             cells = [_fmt(metric_value(t['cells'][(taxon, k)], 'acc')[1]) if (taxon, k) in t['cells'] else '-'
                      for k in t['columns']]
             lines.append(f'| {taxon} | ' + ' | '.join(cells) + ' |')
+    knn = [r for r in records if _knn_cell(r) != '-']
+    if knn:
+        names = sorted({knn_value(r, family, ending)[0] for r in knn for family, ending, _, _ in KNN_RESULTS} - {None})
+        lines += ['', f'Fidelity, diversity and copying ({", ".join(names)}): P / R = precision / recall (k = 3), '
+                  'D / C = density / coverage (k = 5), copies = share of generated images nearer to a training image than '
+                  '95 % of real images are, C_T = data-copying z-score (below -3: copying; docs/metrics.md).', '',
+                  '| taxon | ' + ' | '.join(column_label(k) for k in t['columns']) + ' |', '|' + '---|' * (len(t['columns']) + 1)]
+        for taxon in t['taxa']:
+            lines.append(f'| {taxon} | ' + ' | '.join(_knn_cell(t['cells'].get((taxon, k))) for k in t['columns']) + ' |')
     unevaluated = [r for r in records if not r.get('metrics')]
     if unevaluated:
         # Trained with --metrics none: say which network each cell stands for, so that it can be evaluated later.
@@ -245,7 +280,10 @@ def hier_markdown(records, title='Results', utility_records=()) -> str:
 
 CSV_FIELDS = ('taxon', 'images', 'column', 'method', 'source', 'origin', 'stage', 'kimg', 'detector', 'fid_metric', 'fid',
               'kid_metric', 'kid_x100', 'acc_metric', 'acc', 'paper_fid_inception', 'paper_kid_x100_inception', 'date', 'snapshot',
-              'cas_metric', 'cas', 'cas_low', 'cas_high', 'gain_metric', 'gain', 'gain_low', 'gain_high')
+              'cas_metric', 'cas', 'cas_low', 'cas_high', 'gain_metric', 'gain', 'gain_low', 'gain_high',
+              'cas_filtered_metric', 'cas_filtered', 'cas_filtered_low', 'cas_filtered_high',
+              'gain_filtered_metric', 'gain_filtered', 'gain_filtered_low', 'gain_filtered_high',
+              *(field for _, _, _, field in KNN_RESULTS))
 
 def hier_csv_rows(records, utility_records=()) -> list[dict]:
     """One CSV row per (taxon, column) with a result, with the utility measures of its method; then a row per utility
@@ -268,6 +306,7 @@ def hier_csv_rows(records, utility_records=()) -> list[dict]:
                             kid_x100=None if kid is None else kid * 100,
                             acc_metric=acc_name or '', acc=acc, paper_fid_inception=ref[0] if ref else None,
                             paper_kid_x100_inception=ref[1] if ref else None, date=r.get('date'), snapshot=r.get('pkl'),
+                            **{field: knn_value(r, family, ending)[1] for family, ending, _, field in KNN_RESULTS},
                             **{k: v for k, v in extra.pop((taxon, key[0]), {}).items() if k != 'stage'}))
     for (taxon, method), values in extra.items():
         out.append(dict(values, taxon=taxon, method=method, column=method))
@@ -293,8 +332,13 @@ def _methods_of(utility_records) -> list[str]:
     methods = list(dict.fromkeys(r['method'] for r in utility_records))
     return sorted(methods, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
 
+def _utility_kind(record) -> str:
+    """'cas', 'gain', 'cas_filtered' or 'gain_filtered': which measure a utility record holds."""
+    spec = utility.parse_utility_metric(record['metric'])
+    return spec.kind + ('_filtered' if spec.filtered else '')
+
 def _utility_of(utility_records, kind, method):
-    return next((r for r in utility_records if r['method'] == method and r['metric'].startswith(kind)), None)
+    return next((r for r in utility_records if r['method'] == method and _utility_kind(r) == kind), None)
 
 def _signed(value, low=None, high=None, digits=3) -> str:
     if value is None or math.isnan(value):
@@ -306,6 +350,8 @@ def _signed(value, low=None, high=None, digits=3) -> str:
 
 def utility_markdown(utility_records) -> list[str]:
     """The lines of the table's section on classifier accuracy with generated images (none without records)."""
+    unmeasured = [r for r in utility_records if 'error' in r]
+    utility_records = [r for r in utility_records if 'error' not in r]
     if not utility_records:
         return []
     methods = _methods_of(utility_records)
@@ -313,8 +359,12 @@ def utility_markdown(utility_records) -> list[str]:
     taxa = list(first['targets'])
     cas = {m: _utility_of(utility_records, 'cas', m) for m in methods}
     gain = {m: _utility_of(utility_records, 'gain', m) for m in methods}
+    # The filtered variants (only images the filter classifier assigns to their taxon) beside the plain ones.
+    cas_f = {m: _utility_of(utility_records, 'cas_filtered', m) for m in methods}
+    gain_f = {m: _utility_of(utility_records, 'gain_filtered', m) for m in methods}
     header = ['taxon', 'real train / held-out', 'real-trained']
-    header += [f'CAS {m}' for m in methods if cas[m]] + [f'gain {m}' for m in methods if gain[m]]
+    header += [f'CAS {m}' for m in methods if cas[m]] + [f'CAS {m} filtered' for m in methods if cas_f[m]]
+    header += [f'gain {m}' for m in methods if gain[m]] + [f'gain {m} filtered' for m in methods if gain_f[m]]
     opts = first.get('seeds'), first.get('num_test', {})
     lines = ['', '## Do the generated images help a classifier?', '',
              f'Classifiers (the taxon classifier\'s architecture, the same steps, batch and augmentation for every arm) '
@@ -324,30 +374,43 @@ def utility_markdown(utility_records) -> list[str]:
              f'[95 % t-interval] on the balanced mean. '
              f'CAS ({", ".join(sorted({r["metric"] for r in cas.values() if r}))}): trained on generated images only. '
              f'Gain ({", ".join(sorted({r["metric"] for r in gain.values() if r}))}): real + generated minus real only '
-             f'(paired by seed).', '',
+             f'(paired by seed).' + _filter_note(list(cas_f.values()) + list(gain_f.values())), '',
              '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for taxon in taxa:
         row = [taxon, f'{first["num_train"][taxon]} / {first["num_test"][taxon]}', _fmt(first['real_per_taxon'][taxon][0])]
-        row += [_fmt(cas[m]['per_taxon'][taxon][0]) for m in methods if cas[m]]
-        row += [_signed(gain[m]['per_taxon'][taxon][0]) for m in methods if gain[m]]
+        row += [_fmt(c[m]['per_taxon'][taxon][0]) for c in (cas, cas_f) for m in methods if c[m]]
+        row += [_signed(g[m]['per_taxon'][taxon][0]) for g in (gain, gain_f) for m in methods if g[m]]
         lines.append('| ' + ' | '.join(row) + ' |')
     real = first.get('real_accuracy', first.get('accuracy_real'))
     real_interval = first.get('real_interval') or [float('nan')] * 2
     row = [f'**{BALANCED}**', '', _fmt(real) + ('' if math.isnan(real_interval[0]) else
                                                f' [{real_interval[0]:.3f}, {real_interval[1]:.3f}]')]
-    row += [_fmt(cas[m]['value']) + ('' if math.isnan(cas[m]['interval'][0]) else
-                                     f' [{cas[m]["interval"][0]:.3f}, {cas[m]["interval"][1]:.3f}]') for m in methods if cas[m]]
-    row += [_signed(gain[m]['value'], *gain[m]['interval']) for m in methods if gain[m]]
+    row += [_fmt(c[m]['value']) + ('' if math.isnan(c[m]['interval'][0]) else
+                                   f' [{c[m]["interval"][0]:.3f}, {c[m]["interval"][1]:.3f}]')
+            for c in (cas, cas_f) for m in methods if c[m]]
+    row += [_signed(g[m]['value'], *g[m]['interval']) for g in (gain, gain_f) for m in methods if g[m]]
     lines.append('| ' + ' | '.join(row) + ' |')
     if any(gain.values()):
         lines += ['', f'Per-taxon gains with their intervals: {GAIN_FILE}.']
+    for r in unmeasured:
+        lines += ['', f'Not measured: {r["metric"]} of {r["method"]} ({r["error"]}).']
     return lines
 
+def _filter_note(records) -> str:
+    """' Filtered: ...' naming the filter classifier and threshold of the filtered columns ('' without any)."""
+    found = next((r.get('filter') for r in records if r and r.get('filter')), None)
+    if not found:
+        return ''
+    return (f' Filtered: only generated images that the classifier {os.path.basename(found["classifier"])} assigns to '
+            f'their taxon with probability >= {found["threshold"]:g} (trained on the training images only).')
+
 def utility_csv_rows(utility_records) -> list[dict]:
-    """CSV values of the utility measures: {(taxon or BALANCED, method): {cas_metric, cas, ..., gain_high}}."""
+    """CSV values of the utility measures: {(taxon or BALANCED, method): {cas_metric, cas, ..., gain_filtered_high}}."""
     out = {}
     for r in utility_records:
-        kind = 'cas' if r['metric'].startswith('cas') else 'gain'
+        if 'error' in r:
+            continue
+        kind = _utility_kind(r)
         cells = [(t, v) for t, v in r['per_taxon'].items()] + [(BALANCED, [r['value']] + list(r['interval']))]
         for taxon, (value, low, high) in cells:
             entry = out.setdefault((taxon, r['method']), dict(stage=(r.get('stages') or {}).get(taxon)))
@@ -356,7 +419,7 @@ def utility_csv_rows(utility_records) -> list[dict]:
 
 def write_gain_chart(utility_records, path) -> str | None:
     """Per-taxon bar chart of the augmentation gain, one bar per method with its interval; None without gain records."""
-    gains = [r for r in utility_records if r['metric'].startswith('gain')]
+    gains = [r for r in utility_records if _utility_kind(r) == 'gain' and 'error' not in r]
     if not gains:
         return None
     methods = _methods_of(gains)
@@ -592,6 +655,53 @@ def write_grids(
         written.append(str(path))
     return written
 
+def closest_pairs(
+    pkl,                    # network pickle (its G_ema)
+    data,                   # the training images of its taxon (dataset zip or folder)
+    detector,               # stylegan2ada.metrics Detector whose features measure closeness
+    num         = 64,       # generated images searched (seeds 0..num-1, as the grids draw them)
+    pairs       = 6,        # pairs returned
+    device      = 'cpu',    # torch device of the generator and the detector
+) -> list[tuple]:
+    """The generated images nearest to a training image: [(generated uint8 [C, H, W], nearest training image, distance)],
+    closest first (what a reader checks for copies of the few training images)."""
+    generated = generated_images(pkl, data, num, device=device)                        # [num, C, H, W]
+    dataset = ImageFolderDataset(data, use_labels=False, cache=False)
+    training = np.stack([dataset[i][0] for i in range(len(dataset))])                  # [N, C, H, W]
+    dataset.close()
+    feats = lambda images: torch.from_numpy(np.concatenate([detector.features(torch.from_numpy(images[i:i + 64]), device)
+                                                             for i in range(0, len(images), 64)])).to(torch.float64)
+    distances = torch.cdist(feats(generated), feats(training))                         # [num, N]
+    nearest, index = distances.min(dim=1)
+    order = torch.argsort(nearest)[:pairs].tolist()
+    return [(generated[i], training[int(index[i])], float(nearest[i])) for i in order]
+
+def write_closest_pairs(
+    exp_dir,                # experiment folder: closest-<Taxon>.png go here
+    entries,                # {taxon: [(row label, record), ...]}: records whose metrics include a mem result
+    num         = 64,       # generated images searched per network
+    pairs       = 4,        # pairs per row
+    device      = 'cpu',    # torch device
+    cache_dir   = None,     # detector cache; None = the default
+) -> list[str]:
+    """Per taxon a grid of each method's closest pairs (generated | nearest training image), in the detector's
+    features of its mem metric."""
+    written = []
+    for taxon, items in entries.items():
+        rows, spec = [], None
+        for label, record in items:
+            spec = record.get('detector') or 'inception'
+            detector = resolve_detector(spec, cache_dir=cache_dir, progress=False)
+            pkl = Path(record.get('experiment_dir') or exp_dir) / record['pkl']
+            found = closest_pairs(str(pkl), record['data'], detector, num=num, pairs=pairs, device=device)
+            images = np.stack([image for gen, real, _ in found for image in (gen, real)])
+            rows.append((f'{label} (d {found[0][2]:.3g}..{found[-1][2]:.3g})', images))
+        path = Path(exp_dir) / CLOSEST_FILE.format(hierarchy._safe(taxon))
+        _save_png(compose_grid(rows, title=f'{taxon}: the {pairs} generated images (of {num}) nearest to a training image, '
+                                           f'each beside it ({detector_label(spec)} features)'), path)
+        written.append(str(path))
+    return written
+
 #----------------------------------------------------------------------------
 # Training curves, drawn with PIL.
 
@@ -771,6 +881,8 @@ def write_report(
         entries = _grid_entries(sorted(records, key=lambda r: (taxa.index(r['taxon']), order[column_key(r)])),
                                 lambda r: column_label(column_key(r)))
         written += write_grids(exp_dir, entries, num=num_images, device=device)
+        copying = {taxon: [(label, r) for label, r in items if knn_value(r, 'mem', '_share')[0]] for taxon, items in entries.items()}
+        written += write_closest_pairs(exp_dir, {taxon: items for taxon, items in copying.items() if items}, device=device)
     if curves:
         stages = {}
         for r in records:

@@ -19,7 +19,7 @@ from stylegan2ada.dataset import DatasetError, ImageFolderDataset
 from stylegan2ada.metrics import metric_utils
 from stylegan2ada.metrics.detectors import resolve_detector
 from stylegan2ada.metrics.metric_main import MetricError, register_metric
-from stylegan2ada.util import UserError
+from stylegan2ada.util import UserError, sha256_file
 from taxogan_ext.taxon_detector import KIND, load_taxon_metadata
 from taxogan_ext.taxonomy import MANIFEST_NAME, ManifestError, dataset_class_names, manifest_beside
 
@@ -46,6 +46,53 @@ def class_of_taxon(
         taxon = manifest.taxa.get(name) if manifest is not None else None
         name = taxon.parent if taxon is not None else None
     return None
+
+
+class TaxonFilter:
+    """Judges generated images of a taxon with the taxon classifier: an image is kept when the classifier assigns it to
+    the taxon (its top class) with probability at least `threshold` (0: the top class alone decides)."""
+
+    def __init__(self,
+        spec,                   # 'taxon:PATH' of a classifier (calc_metrics.py train-detector)
+        threshold,              # minimum probability of the image's taxon, in [0, 1]
+        manifest,               # taxonomy.Manifest: a taxon below one of the classes is judged as that class; None = exact names
+        targets,                # the taxa it will judge
+        option  = '--filter',   # how errors name the option that gave the classifier
+    ):
+        try:
+            self.detector = resolve_detector(spec, progress=False)
+            names = self.detector.class_names
+        except UserError as exc:
+            raise TaxonError(f'{option}: {exc}') from None
+        if not names:
+            raise TaxonError(f'{option} {spec}: not a classifier with class names (train one with calc_metrics.py train-detector)')
+        self.spec, self.threshold, self.names = spec, float(threshold), list(names)
+        self.classes = {}                                   # taxon -> class index of the classifier
+        for taxon in targets:
+            index = class_of_taxon(taxon, self.names, manifest)
+            if index is None:
+                raise TaxonError(f'{option} {spec}: taxon {taxon!r} is neither a class of the classifier '
+                                 f'({", ".join(self.names)}) nor below one')
+            self.classes[taxon] = index
+        self.sha256 = sha256_file(self.detector.path)
+
+    def judge(self,
+        images,                 # uint8 [N, C, H, W] generated images of `taxon`
+        taxon,                  # the taxon they should show
+        device,                 # torch device of the classifier
+    ):
+        """(p, keep): float64 numpy [N] probability of the taxon, bool numpy [N] the filter's verdict."""
+        module = self.detector.load(device)
+        with torch.no_grad():
+            logits = module.logits(self.detector._as_rgb(images.to(device)))                  # [N, K]
+        probs = torch.softmax(logits.to(torch.float64), dim=1).cpu()                         # [N, K]
+        k = self.classes[taxon]
+        keep = (probs.argmax(dim=1) == k) & (probs[:, k] >= self.threshold)
+        return probs[:, k].numpy(), keep.numpy()
+
+    def rule(self) -> str:
+        """The rule in words, for logs and reports."""
+        return f'top class with p >= {self.threshold:g}' if self.threshold > 0 else 'top class'
 
 
 def _unconditional_target(dataset_path, class_names, taxon, manifest):

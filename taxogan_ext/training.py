@@ -23,12 +23,13 @@ import torch
 
 from stylegan2ada import cli, distributed
 from stylegan2ada.dataset import DatasetError, ImageFolderDataset
-from stylegan2ada.metrics.detectors import resolve_detector
+from stylegan2ada.metrics.detectors import OFFLINE_ENV, DetectorError, resolve_detector
 from stylegan2ada.metrics.metric_main import parse_metric_name
 from stylegan2ada.networks import Discriminator, MappingNetwork, SynthesisNetwork
 from stylegan2ada.pickles import MODULE_CLASSES, evaluation_network, load_network_pkl, tensor_mismatches
 from stylegan2ada.training_loop import TrainingDivergedError, TrainingInterrupted, latest_snapshot, training_loop
-from stylegan2ada.util import UserError, write_json_atomic
+from stylegan2ada.util import DiskFullError, UserError, disk_full_error, is_disk_full, write_json_atomic
+from taxogan_ext import disk
 from taxogan_ext import dcgan  # the DCGAN baseline (--model dcgan); importing it registers its classes for pickles
 from taxogan_ext.augment_allow import describe as describe_augment
 from taxogan_ext.augment_allow import parse_names as parse_aug_names
@@ -55,9 +56,11 @@ SIZE_OPTIONS = ('zdim', 'map', 'cbase', 'cmax', 'fp32', 'cond')
 
 # When a run is continued, these describe the new invocation (where, from what, which data file, and --cuda-graphs,
 # which needs the machine it runs on: a run continued elsewhere must not inherit it) ...
-CONTINUE_INVOCATION = ('outdir', 'run_dir', 'data', 'resume', 'resume_mode', 'resume_partial', 'dry_run', 'cuda_graphs')
+CONTINUE_INVOCATION = ('outdir', 'run_dir', 'data', 'resume', 'resume_mode', 'resume_partial', 'dry_run', 'cuda_graphs',
+                       'no_space_check')
 # ... these may be given anew (its length, what is reported, how fast it runs), else they stay as the run had them ...
-CONTINUE_MAY_CHANGE = ('kimg', 'snap', 'tick', 'metrics', 'detector', 'device', 'workers', 'nobench', 'allow_tf32')
+CONTINUE_MAY_CHANGE = ('kimg', 'snap', 'tick', 'metrics', 'detector', 'device', 'workers', 'nobench', 'allow_tf32',
+                       'keep_snaps')
 # ... and every other one comes from the snapshot: giving it with another value is an error.
 
 
@@ -121,6 +124,8 @@ class TrainingOptions:
     metrics:        str          = _option('none', 'Metrics at each snapshot (comma list, or none)', click.STRING, 'LIST')
     detector:       str          = _option('inception', 'Feature detector for the metrics: inception, taxon:PATH or a TorchScript path', click.STRING, 'NAME')
     snap:           int          = _option(50, 'Snapshot interval in ticks', click.IntRange(min=1), 'TICKS')
+    keep_snaps:     int | None   = _option(None, 'Keep the newest N network snapshots, plus the best by the first --metrics and the final one; older ones are deleted once a newer one is complete  [default: all; train_hier.py: 1]', click.IntRange(min=1), 'N')
+    no_space_check: bool         = _option(help='Start even when the free disk space is below the estimate of what the run will write (see --dry-run)')
     tick:           float        = _option(4, 'Progress report interval in kimg', click.FloatRange(min=0, min_open=True), 'KIMG')
     # Performance-related.
     device:         str          = _option('auto', 'Device', click.Choice(['auto', 'cpu', 'cuda']))
@@ -303,6 +308,7 @@ def build_config(
     c['total_kimg'] = opts.kimg if opts.kimg is not None else spec['kimg']
     c['kimg_per_tick'] = opts.tick
     c['image_snapshot_ticks'] = c['network_snapshot_ticks'] = opts.snap
+    c['keep_snapshots'] = opts.keep_snaps
     c['metrics'] = [m for m in opts.metrics.split(',') if m and m != 'none']
     for metric in c['metrics']:
         parse_metric_name(metric)           # MetricError lists the valid forms
@@ -638,6 +644,53 @@ def train_until_stopped(
         raise RunStopped(f'interrupted; newest snapshot {snapshot}; continue with: {continue_command(run_dir, data)}') from None
     except TrainingDivergedError as exc:
         raise TrainingDivergedError(f'training diverged: {exc}') from None
+    except (DiskFullError, OSError) as exc:
+        if not isinstance(exc, DiskFullError) and not is_disk_full(exc):
+            raise
+        raise DiskFullError(f'{disk_full_text(exc)}; {disk_full_hint(run_dir, data)}') from None
+
+
+def disk_full_text(exc):
+    """The one-line text of a DiskFullError, or of an OSError saying the disk is full (naming its file)."""
+    return str(exc) if isinstance(exc, DiskFullError) else str(disk_full_error(exc.filename or '.'))
+
+
+def disk_full_hint(run_dir, data):
+    """What to run once space is freed: the command continuing the run from its newest snapshot (or starting it again)."""
+    snapshot = latest_snapshot(run_dir)
+    if snapshot is None:
+        return 'no snapshot was written yet: once space is freed, run the same command again'
+    return f'once space is freed, continue from {os.path.basename(snapshot)} with: {continue_command(run_dir, data)}'
+
+
+def run_estimate(
+    config,             # build_config's dict of the run (run_dir set)
+    training_set,       # its dataset
+    opts,               # TrainingOptions (keep_snaps)
+):
+    """disk.DiskEstimate of what the run will still write (from its newest snapshot when it continues one)."""
+    start_nimg, start_tick = 0, 0
+    if config.get('resume_mode') == 'full' and config.get('resume_pkl'):
+        progress = load_network_pkl(config['resume_pkl']).get('progress') or {}
+        start_nimg, start_tick = progress.get('cur_nimg', 0), progress.get('cur_tick', 0)
+    return disk.run_estimate(config, training_set, keep_snaps=opts.keep_snaps, start_nimg=start_nimg, start_tick=start_tick)
+
+
+def resolve_offline(
+    spec,               # --detector
+    cache_dir   = None, # detector cache; None = the default
+):
+    """resolve_detector() with its file found (or downloaded) now; on a node without internet, the error says how to fetch
+    the files beforehand."""
+    try:
+        detector = resolve_detector(spec, cache_dir=cache_dir)
+        _ = detector.path                   # where a downloadable detector is looked up, or fetched
+        return detector
+    except DetectorError as exc:
+        if os.environ.get(OFFLINE_ENV, '') in ('', '0'):
+            raise
+        raise DetectorError(f'{exc}; on a machine with internet run: python calc_metrics.py fetch-detectors'
+                            f'{" --cache " + shlex.quote(cache_dir) if cache_dir else ""}, then use that cache here') from None
 
 
 def run_training(
@@ -666,11 +719,15 @@ def run_training(
     config['run_dir_fixed'] = opts.run_dir is not None
 
     _print_summary(config, opts, run_dir, training_set)
+    estimate = run_estimate(config, training_set, opts)
     if opts.dry_run:
+        click.echo(disk.describe_check(estimate, run_dir))
         click.echo('Dry run; exiting.')
         return None
+    if not opts.no_space_check:
+        disk.check_free_space(estimate, run_dir)
     if config['metrics']:
-        resolve_detector(opts.detector).path    # fails now (offline Inception, missing file), not at the first snapshot
+        resolve_offline(opts.detector).path     # fails now (offline Inception, missing file), not at the first snapshot
     del training_set
     return train_until_stopped(config, run_dir, opts.data, progress_callback)
 
@@ -680,7 +737,7 @@ def run_training(
 LOOP_KEYS = ('training_set_kwargs', 'data_loader_kwargs', 'G_class', 'D_class', 'G_kwargs', 'D_kwargs', 'G_opt_kwargs',
              'D_opt_kwargs', 'augment_kwargs', 'loss_kwargs', 'metrics', 'detector', 'random_seed', 'num_gpus', 'batch_size',
              'batch_gpu', 'ema_kimg', 'ema_rampup', 'G_reg_interval', 'D_reg_interval', 'augment_p', 'ada_target', 'ada_kimg',
-             'total_kimg', 'kimg_per_tick', 'image_snapshot_ticks', 'network_snapshot_ticks', 'resume_pkl', 'resume_mode',
+             'total_kimg', 'kimg_per_tick', 'image_snapshot_ticks', 'network_snapshot_ticks', 'keep_snapshots', 'resume_pkl', 'resume_mode',
              'resume_partial', 'cudnn_benchmark', 'allow_tf32', 'phase_graphs')  # config entries that are training_loop() arguments
 
 

@@ -45,12 +45,13 @@ import tqdm
 from stylegan2ada import cli
 from stylegan2ada.dataset import IMAGE_EXTENSIONS, DatasetError, ImageFolderDataset
 from stylegan2ada.image_utils import to_uint8
-from stylegan2ada.metrics.detectors import default_cache_dir
+from stylegan2ada.metrics.detectors import default_cache_dir, resolve_detector
 from stylegan2ada.pickles import evaluation_network, load_network_pkl
 from stylegan2ada.util import UserError, atomic_write, sha256_file, write_json_atomic
 from taxogan_ext import hierarchy
 from taxogan_ext.collection import zip_info
 from taxogan_ext.taxon_detector import TaxonClassifier, augment_batch, class_taxa, class_weights, preprocess_images, split_heldout
+from taxogan_ext.taxon_metrics import TaxonError, TaxonFilter
 from taxogan_ext.taxonomy import MANIFEST_NAME, Manifest, load_manifest, manifest_from_dict
 
 HOLDOUT_FILE    = 'heldout.json'        # which images are held out, written beside the training-only zips
@@ -60,8 +61,11 @@ UTILITY_FILE    = 'utility.jsonl'       # an experiment's utility records (train
 UTILITY_FORMAT  = 'taxogan-utility/1'
 CACHE_VERSION   = 1                     # part of every cache key: bump when the computation changes
 KINDS           = ('cas', 'gain')
-NAME_PATTERN    = re.compile(r'(?P<kind>cas|gain)(?:(?P<count>\d+)(?P<kilo>k?))?_taxon')
-FORMS           = 'cas[<N>[k]]_taxon, gain[<N>[k]]_taxon (e.g. cas_taxon, gain_taxon, cas500_taxon)'
+NAME_PATTERN    = re.compile(r'(?P<kind>cas|gain)(?:(?P<count>\d+)(?P<kilo>k?))?(?P<filtered>_filtered)?_taxon')
+FORMS           = ('cas[<N>[k]][_filtered]_taxon, gain[<N>[k]][_filtered]_taxon (e.g. cas_taxon, gain_taxon, cas500_taxon, '
+                   'gain_filtered_taxon)')
+FILTER_OPTIONS  = ('utility_filter', 'utility_filter_threshold')   # only the *_filtered measures depend on these
+MAX_TRIES       = 20                    # a filtered measure draws at most this many candidates per image it keeps
 
 
 class UtilityError(UserError):
@@ -73,9 +77,10 @@ class UtilityError(UserError):
 @dataclasses.dataclass(frozen=True)
 class UtilitySpec:
     """A parsed utility metric name."""
-    name:   str             # e.g. 'cas_taxon', 'gain200_taxon'
-    kind:   str             # 'cas' or 'gain'
-    count:  int | None      # generated images per taxon; None = the default (see the module docstring)
+    name:       str             # e.g. 'cas_taxon', 'gain200_filtered_taxon'
+    kind:       str             # 'cas' or 'gain'
+    count:      int | None      # generated images per taxon; None = the default (see the module docstring)
+    filtered:   bool = False    # only generated images the filter classifier assigns to their taxon (--utility-filter)
 
 
 def parse_utility_metric(name: str) -> UtilitySpec | None:
@@ -86,7 +91,7 @@ def parse_utility_metric(name: str) -> UtilitySpec | None:
     count = None if match['count'] is None else int(match['count']) * (1000 if match['kilo'] else 1)
     if count is not None and count < 1:
         raise UtilityError(f'metric {name!r}: the image count must be at least 1; valid forms: {FORMS}')
-    return UtilitySpec(name=name, kind=match['kind'], count=count)
+    return UtilitySpec(name=name, kind=match['kind'], count=count, filtered=match['filtered'] is not None)
 
 
 def is_utility_metric(name: str) -> bool:
@@ -102,6 +107,8 @@ class UtilityOptions:
     utility_batch:  int     = cli.option_field(32, 'Utility metrics: images per step', click.IntRange(min=1), 'INT')
     utility_res:    int     = cli.option_field(64, 'Utility metrics: classifier side in pixels (at most the images\')', click.IntRange(min=8), 'INT')
     utility_lr:     float   = cli.option_field(2e-3, 'Utility metrics: Adam learning rate (cosine decay to 0)', click.FloatRange(min=0, min_open=True), 'FLOAT')
+    utility_filter: str     = cli.option_field(None, 'Utility metrics: taxon classifier of the *_filtered_taxon measures (train it on the split\'s training images only)', str, 'taxon:PATH')
+    utility_filter_threshold: float = cli.option_field(0.5, 'Utility metrics: *_filtered_taxon keep a generated image when the filter\'s top class is its taxon, with at least this probability', click.FloatRange(min=0, max=1), 'P')
     channels:       tuple   = (32, 64, 128, 256)    # the taxon classifier's stage widths (not an option: fixed architecture)
 
     def __post_init__(self):
@@ -111,6 +118,23 @@ class UtilityOptions:
 def click_options():
     """Decorator adding UtilityOptions' fields to a click command (calc_metrics.py utility, train_hier.py)."""
     return cli.dataclass_options(UtilityOptions)
+
+
+def check_filter(
+    metrics,                            # utility metric names
+    options:    UtilityOptions,
+) -> None:
+    """UtilityError (one line) when a *_filtered measure has no filter classifier, or its file is missing."""
+    filtered = [name for name in metrics if (parse_utility_metric(name) or UtilitySpec(name, '', None)).filtered]
+    if filtered and not options.utility_filter:
+        raise UtilityError(f'{filtered[0]}: the filtered measures need --utility-filter taxon:PATH (a taxon classifier '
+                           f'trained on the training images only, e.g. calc_metrics.py train-detector on the split folder)')
+    if filtered:
+        kind, _, path = options.utility_filter.partition(':')
+        if kind != 'taxon' or not path:
+            raise UtilityError(f'--utility-filter {options.utility_filter}: expected taxon:PATH')
+        if not os.path.isfile(path):
+            raise UtilityError(f'--utility-filter {options.utility_filter}: no such file')
 
 
 def options_from(kwargs: dict) -> UtilityOptions:
@@ -387,27 +411,39 @@ def _taxon_seed(seed: int, taxon: str) -> int:
 
 def generate(
     source: GeneratorSource,
-    num,                        # images to generate
+    num,                        # images to generate (to keep, with `accept`)
     seed,                       # latents and noise
     resolution,                 # the classifier's side
     device      = 'cpu',
     batch_size  = 32,
+    accept      = None,         # f(uint8 [n, C, H, W]) -> bool [n]: keep only these candidates; None = keep all
+    max_tries   = MAX_TRIES,    # with `accept`: at most this many candidates per image wanted, then UtilityError
+    what        = None,         # how an error names the generator, e.g. its taxon; None = its pickle
 ) -> torch.Tensor:
     """`num` images of a generator as the classifier sees them: float [num, 3, r, r] (through uint8, as real images)."""
     G = source.network(device)
     generator = torch.Generator().manual_seed(seed)
-    out = []
+    out, kept, tried = [], 0, 0
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == 'cuda' else []), torch.no_grad():
         torch.manual_seed(seed)                 # noise_mode='random' draws from the global RNG
-        for start in range(0, num, batch_size):
-            n = min(batch_size, num - start)
+        while kept < num:
+            if accept is not None and tried >= max_tries * num:
+                raise UtilityError(f'{what or source.pkl or "generator"}: only {kept} of {tried} generated images '
+                                   f'({kept / tried:.1%}) pass the filter, {num} wanted; lower --utility-filter-threshold '
+                                   f'or check the filter classifier')
+            n = min(batch_size, num - kept) if accept is None else batch_size
             z = torch.randn([n, G.z_dim], generator=generator).to(device)
             c = torch.zeros([n, G.c_dim], device=device)
             if source.label is not None:
                 c[:, source.label] = 1
-            img = G(z, c, truncation_psi=1, noise_mode='random')
-            out.append(preprocess_images(to_uint8(img).cpu(), resolution))
+            images = to_uint8(G(z, c, truncation_psi=1, noise_mode='random')).cpu()           # [n, C, H, W]
+            tried += n
+            if accept is not None:
+                images = images[torch.as_tensor(accept(images), dtype=torch.bool)][:num - kept]
+            kept += len(images)
+            out.append(preprocess_images(images, resolution))
     return torch.cat(out) if out else torch.zeros([0, 3, resolution, resolution])
+
 
 #----------------------------------------------------------------------------
 # The measures.
@@ -447,13 +483,36 @@ class UtilityEvaluator:
         self.test_x = torch.cat(test)
         self.test_y = torch.cat([torch.full([len(x)], k, dtype=torch.int64) for k, x in enumerate(test)])
         self._real_accuracy = {}            # seed -> [K]
+        self.filter = None                  # TaxonFilter of the *_filtered measures, loaded when first needed
+
+    def taxon_filter(self) -> TaxonFilter:
+        """The filter classifier of options.utility_filter; UtilityError when none is set."""
+        if self.filter is None:
+            if not self.options.utility_filter:
+                raise UtilityError('the *_filtered_taxon measures need a filter classifier: --utility-filter taxon:PATH')
+            try:
+                self.filter = TaxonFilter(self.options.utility_filter, self.options.utility_filter_threshold,
+                                          self.holdout.manifest, self.targets, option='--utility-filter')
+            except TaxonError as exc:
+                raise UtilityError(str(exc)) from None
+        return self.filter
+
+    def accept(self, taxon):
+        """f(uint8 images [n, C, H, W]) -> bool numpy [n]: the filter's verdict on generated images of `taxon`."""
+        taxon_filter = self.taxon_filter()
+        return lambda images: taxon_filter.judge(images, taxon, self.device)[1]
 
     def identity(self) -> dict:
         """What the results depend on besides the generators: the split, the targets' data, the options."""
         manifest = self.holdout.manifest
         return dict(version=CACHE_VERSION, heldout=self.holdout.record['heldout_sha256'],
                     train={t: manifest.sha256(t) for t in self.targets}, targets=self.targets,
-                    options=dataclasses.asdict(self.options), resolution=self.resolution, device=self.device.type)
+                    options={k: v for k, v in dataclasses.asdict(self.options).items() if k not in FILTER_OPTIONS},
+                    resolution=self.resolution, device=self.device.type)
+
+    def filter_identity(self) -> dict:
+        """What the *_filtered measures depend on besides identity(): the filter classifier's bytes and threshold."""
+        return dict(sha256=self.taxon_filter().sha256, threshold=self.options.utility_filter_threshold)
 
     def _fit_and_test(self, images, labels, seed) -> np.ndarray:
         model = fit_classifier_steps(images, labels, self.targets, self.options, seed, self.device)
@@ -482,7 +541,11 @@ class UtilityEvaluator:
         if missing:
             raise UtilityError(f'no generator for {", ".join(missing)}')
         counts = {spec.name: self.generated_counts(spec) for spec in specs}
-        need = {t: max(c[t] for c in counts.values()) for t in self.targets}
+        # The filtered and unfiltered sets come from the same latents: the filtered one keeps the accepted candidates.
+        flags = sorted({spec.filtered for spec in specs})
+        need = {flag: {t: max(counts[spec.name][t] for spec in specs if spec.filtered == flag) for t in self.targets}
+                for flag in flags}
+        accept = {t: self.accept(t) for t in self.targets} if True in flags else {}
         runs = {spec.name: [] for spec in specs}
         seconds = dict(generate=0.0, real=0.0, **{spec.name: 0.0 for spec in specs})
         for seed in range(self.options.utility_seeds):
@@ -490,11 +553,12 @@ class UtilityEvaluator:
             real = self.real_accuracy(seed)
             seconds['real'] += time.time() - t0
             t0 = time.time()
-            fake = {t: generate(sources[t], need[t], _taxon_seed(seed, t), self.resolution, self.device) for t in self.targets}
+            fake = {flag: {t: generate(sources[t], need[flag][t], _taxon_seed(seed, t), self.resolution, self.device,
+                                       accept=accept[t] if flag else None, what=t) for t in self.targets} for flag in flags}
             seconds['generate'] += time.time() - t0
             for spec in specs:
                 t0 = time.time()
-                parts = [(fake[t][:counts[spec.name][t]], k) for k, t in enumerate(self.targets)]
+                parts = [(fake[spec.filtered][t][:counts[spec.name][t]], k) for k, t in enumerate(self.targets)]
                 x = torch.cat([images for images, _ in parts])
                 y = torch.cat([torch.full([len(images)], k, dtype=torch.int64) for images, k in parts])
                 if spec.kind == 'gain':
@@ -511,6 +575,9 @@ class UtilityEvaluator:
             out[spec.name] = summary(spec, self.targets, runs[spec.name], counts[spec.name],
                                      seconds[spec.name] + seconds['generate'] / len(specs))
             out[spec.name].update(num_train=self.num_train, num_test=self.num_test, seeds=self.options.utility_seeds)
+            if spec.filtered:
+                out[spec.name]['filter'] = dict(self.filter_identity(), classifier=self.options.utility_filter,
+                                                rule=self.taxon_filter().rule())
         out['_seconds'] = seconds
         return out
 
@@ -549,7 +616,10 @@ def cache_key(evaluator: UtilityEvaluator, spec: UtilitySpec, sources: dict) -> 
     identities = {t: [sources[t].identity, sources[t].label] for t in evaluator.targets}
     if any(ident is None for ident, _ in identities.values()):
         return None
-    text = json.dumps(dict(evaluator.identity(), metric=spec.name, generators=identities), sort_keys=True)
+    key = dict(evaluator.identity(), metric=spec.name, generators=identities)
+    if spec.filtered:
+        key['filter'] = evaluator.filter_identity()
+    text = json.dumps(key, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -643,9 +713,23 @@ def evaluate_plan(
             log(f'{method}: no utility metrics (no network for {", ".join(missing)})')
             continue
         sources = {t: GeneratorSource(pkl=g.pkl, label=g.label, identity=g.sha256) for t, g in rows.items()}
-        results = calc_utility(evaluator, metrics, sources, cache_dir=cache_dir, label=method)
+        specs = [parse_utility_metric(name) for name in metrics]
+        plain = [spec.name for spec in specs if not spec.filtered]
+        results = calc_utility(evaluator, plain, sources, cache_dir=cache_dir, label=method) if plain else {}
+        filtered = [spec for spec in specs if spec.filtered]
+        if filtered:
+            # A generator whose images the filter (almost) never accepts has no filtered measure; the plain ones and the
+            # other methods stand, and the table says which filtered cells are missing and why.
+            try:
+                results.update(calc_utility(evaluator, [spec.name for spec in filtered], sources, cache_dir=cache_dir,
+                                            label=f'{method} (filtered)'))
+            except UtilityError as exc:
+                log(f'{method}: {", ".join(spec.name for spec in filtered)} not measured: {exc}')
+                results.update({spec.name: dict(metric=spec.name, error=str(exc), cache_key=cache_key(evaluator, spec, sources))
+                                for spec in filtered})
         for name, result in results.items():
-            log(f'{method}: {format_result(result)}')
+            if 'error' not in result:
+                log(f'{method}: {format_result(result)}')
             if (method, name, result['cache_key']) in recorded:
                 continue
             record = dict(result, format=UTILITY_FORMAT, method=method, targets=list(plan.targets),

@@ -175,3 +175,61 @@ def test_grids_show_real_then_generated_rows(tmp_path):
     with torch.no_grad():
         img = (G(z, torch.zeros([1, 0]), noise_mode='const') * 127.5 + 128).clamp(0, 255).to(torch.uint8)
     assert np.array_equal(fake[2], img[0].numpy())
+
+
+def test_knn_metrics_in_the_table_and_csv(tmp_path):
+    records = _table2_records()
+    records[0]['metrics'].update(pr1k3_full_taxon_precision=0.8125, pr1k3_full_taxon_recall=0.25,
+                                 mem1k_taxon_share=0.5, mem1k_taxon_ct=-4.25)
+    records[3]['metrics'].update(dc1k_full_taxon_density=1.0625, dc1k_full_taxon_coverage=0.75)
+    _write(tmp_path, records)
+    current = report.current_records(tmp_path)
+    md = report.hier_markdown(current)
+    section = md.split('Fidelity, diversity and copying (')[1]
+    assert section.startswith('dc1k_full_taxon_coverage, dc1k_full_taxon_density, mem1k_taxon_ct, mem1k_taxon_share, '
+                              'pr1k3_full_taxon_precision, pr1k3_full_taxon_recall)')
+    rows = _rows(section)
+    assert rows['Calanoida'][1:] == ['P 0.812 R 0.250 · copies 0.500 (C_T -4.25)', '-', '-']
+    assert rows['Cyclopoida'][1:] == ['-', 'D 1.062 C 0.750', '-']
+    csv_rows = list(csv.DictReader(report._csv_text(report.CSV_FIELDS, report.hier_csv_rows(current)).splitlines()))
+    cal = next(r for r in csv_rows if r['taxon'] == 'Calanoida' and r['method'] == 'direct')
+    assert (cal['precision'], cal['recall'], cal['copy_share'], cal['copy_ct'], cal['density']) == ('0.8125', '0.25', '0.5', '-4.25', '')
+    # Without k-NN results there is no such section.
+    _write(tmp_path / 'plain', _table2_records())
+    assert 'Fidelity, diversity' not in report.hier_markdown(report.current_records(tmp_path / 'plain'))
+
+
+def test_closest_pairs_find_copies_of_training_images(tmp_path):
+    from test_metrics import TinyDetector, _write_dataset
+    from stylegan2ada.metrics.detectors import resolve_detector
+    torch.manual_seed(0)
+    G = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=16, img_channels=3, mapping_kwargs=dict(num_layers=2),
+                  synthesis_kwargs=dict(channel_base=64, channel_max=8))
+    save_network_pkl(tmp_path / 'net.pkl', dict(G=G, G_ema=G))
+    fake = report.generated_images(str(tmp_path / 'net.pkl'), None, 8)
+    # The training set holds exact copies of generated images 5 and 2 among random images.
+    others = np.random.RandomState(0).randint(0, 256, [6, 3, 16, 16]).astype(np.uint8)
+    data = _write_dataset(tmp_path / 'Calanoida.zip', np.concatenate([others[:3], fake[[5]], others[3:], fake[[2]]]))
+    torch.jit.save(torch.jit.script(TinyDetector()), str(tmp_path / 'det.pt'))
+    detector = resolve_detector(str(tmp_path / 'det.pt'))
+    found = report.closest_pairs(str(tmp_path / 'net.pkl'), data, detector, num=8, pairs=3)
+    assert sorted(d for _, _, d in found[:2]) == [0.0, 0.0] and found[2][2] > 0
+    for gen, real, _ in found[:2]:
+        assert np.array_equal(gen, real) and any(np.array_equal(gen, fake[i]) for i in (2, 5))
+    # The third pair: the nearest training image of the remaining generated images, by a float64 computation.
+    feats = lambda x: torch.from_numpy(detector.features(torch.from_numpy(x), 'cpu')).double()
+    train = np.concatenate([others[:3], fake[[5]], others[3:], fake[[2]]])
+    distances = torch.cdist(feats(fake), feats(train))
+    rest = [i for i in range(8) if i not in (2, 5)]
+    best = min(rest, key=lambda i: float(distances[i].min()))
+    assert np.array_equal(found[2][0], fake[best]) and np.array_equal(found[2][1], train[int(distances[best].argmin())])
+    assert found[2][2] == pytest.approx(float(distances[best].min()), rel=1e-9)
+    record = dict(taxon='Calanoida', pkl='net.pkl', data=data, detector=str(tmp_path / 'det.pt'))
+    written = report.write_closest_pairs(tmp_path, {'Calanoida': [('direct', record)]}, num=8, pairs=3)
+    assert [p.split('/')[-1] for p in written] == ['closest-Calanoida.png']
+    grid = Image.open(written[0])
+    # One row of 3 pairs (6 cells of 64 px and 2 px gaps) after its label, the first pair an exact copy side by side.
+    label_w = grid.size[0] - 6 * 66 - 2
+    assert grid.size[1] == 24 + 66 + 2 and label_w > 0
+    cells = [np.asarray(grid.convert('RGB').crop((label_w + 2 + c * 66, 26, label_w + 2 + c * 66 + 64, 90))) for c in range(2)]
+    assert np.array_equal(cells[0], cells[1]) and np.array_equal(cells[0], np.asarray(report._to_rgb_image(found[0][0], 64)))

@@ -164,6 +164,7 @@ def test_holdout_split_is_stratified_seeded_and_never_in_a_training_zip(split, t
 def test_metric_names():
     assert utility.parse_utility_metric('cas_taxon') == utility.UtilitySpec('cas_taxon', 'cas', None)
     assert utility.parse_utility_metric('gain2k_taxon') == utility.UtilitySpec('gain2k_taxon', 'gain', 2000)
+    assert utility.parse_utility_metric('gain20_filtered_taxon') == utility.UtilitySpec('gain20_filtered_taxon', 'gain', 20, True)
     assert utility.parse_utility_metric('fid50k_full') is None and not utility.is_utility_metric('cas_full')
 
 
@@ -244,6 +245,50 @@ def test_accuracies_are_measured_on_the_heldout_images(tmp_path):
     assert low <= 1 / 3 <= high and mean <= 0.45, heldout
 
 
+def test_filtered_measures_keep_the_images_the_classifier_assigns_to_their_taxon(split, tmp_path):
+    from taxogan_ext.taxon_detector import DETECTOR_FORMAT, save_taxon_detector
+    _, holdout = split
+    # A filter classifier trained on the real training images only, and generators of which half the images show
+    # the next taxon: the filter removes most of those, so the classifier trained on what it keeps does better.
+    plain = utility.UtilityEvaluator(holdout, TAXA, TINY, progress=False)
+    strong = dataclasses.replace(TINY, utility_steps=400, utility_lr=1e-2, utility_batch=32)   # TINY's misses Gamma
+    model = utility.fit_classifier_steps(plain.real_x, plain.real_y, TAXA, strong, seed=0)
+    save_taxon_detector(model, dict(format=DETECTOR_FORMAT, class_names=list(TAXA), resolution=16), str(tmp_path / 'filter.pt'))
+    options = dataclasses.replace(TINY, utility_filter=f'taxon:{tmp_path / "filter.pt"}', utility_filter_threshold=0.5)
+    evaluator = utility.UtilityEvaluator(holdout, TAXA, options, progress=False)
+    images = {t: _training_images(holdout, t) for t in TAXA}
+    mixed = {t: utility.GeneratorSource(G=BankG(images[t][:18] + images[TAXA[(k + 1) % 3]][:18]), identity=f'mixed-{t}')
+             for k, t in enumerate(TAXA)}
+    result = utility.calc_utility(evaluator, ['cas60_taxon', 'cas60_filtered_taxon'], mixed, cache_dir=str(tmp_path / 'cache'))
+    plain_cas, filtered_cas = result['cas60_taxon'], result['cas60_filtered_taxon']
+    assert filtered_cas['value'] > plain_cas['value'] + 0.1, (plain_cas['per_seed'], filtered_cas['per_seed'])
+    assert filtered_cas['filter']['threshold'] == 0.5 and filtered_cas['filter']['sha256'] == _sha(tmp_path / 'filter.pt')
+    # The filtered images are the accepted candidates of the same latents, in order (reference: filter by hand).
+    judge = evaluator.accept('Beta')
+    candidates = utility.generate(mixed['Beta'], 96, 7, 16)
+    with torch.no_grad():
+        logits = evaluator.taxon_filter().detector.load('cpu').logits(((candidates + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+    probs = torch.softmax(logits.double(), dim=1)
+    keep = (probs.argmax(dim=1) == 1) & (probs[:, 1] >= 0.5)           # Beta the top class, with p >= 0.5
+    assert 10 < int(keep.sum()) < 90
+    kept = utility.generate(mixed['Beta'], int(keep.sum()), 7, 16, accept=judge)
+    assert torch.equal(kept, candidates[keep])
+    # The unfiltered measure does not depend on the filter settings (its cached result is reused), the filtered one does.
+    again = utility.calc_utility(utility.UtilityEvaluator(holdout, TAXA, dataclasses.replace(options, utility_filter_threshold=0.9),
+                                                          progress=False), ['cas60_taxon'], mixed, cache_dir=str(tmp_path / 'cache'))
+    assert again['cas60_taxon']['cached']
+    stricter = utility.UtilityEvaluator(holdout, TAXA, dataclasses.replace(options, utility_filter_threshold=0.9), progress=False)
+    assert utility.cache_key(stricter, utility.parse_utility_metric('cas60_filtered_taxon'), mixed) != filtered_cas['cache_key']
+    # No filter given, a missing file, or a threshold no image reaches: one line each.
+    with pytest.raises(utility.UtilityError, match='cas_filtered_taxon: the filtered measures need --utility-filter'):
+        utility.check_filter(['cas_taxon', 'cas_filtered_taxon'], TINY)
+    with pytest.raises(utility.UtilityError, match='no such file'):
+        utility.check_filter(['gain_filtered_taxon'], dataclasses.replace(TINY, utility_filter='taxon:/nothing.pt'))
+    impossible = utility.UtilityEvaluator(holdout, TAXA, dataclasses.replace(options, utility_filter_threshold=1.0), progress=False)
+    with pytest.raises(utility.UtilityError, match=r'Alpha: only 0 of \d+ generated images \(0.0%\) pass the filter'):
+        utility.calc_utility(impossible, ['cas10_filtered_taxon'], mixed, cache_dir=str(tmp_path / 'cache'))
+
+
 def test_measures_repeat_exactly_and_are_cached_by_their_inputs(split, tmp_path):
     _, holdout = split
     options = dataclasses.replace(TINY, utility_seeds=2, utility_steps=40)
@@ -317,6 +362,25 @@ def test_train_hier_holds_out_measures_each_method_and_reports(tmp_path):
                                                '--cache', str(tmp_path / 'cache'), '--quiet'] + gens + UTIL)
     assert result.exit_code == 0, result.output
     assert f'cas_taxon {descending["value"]:.3f}' in result.output
+    # The filtered measures beside the plain ones: nothing retrained, the plain ones cached; a filter that accepts no
+    # image leaves those cells "not measured", named in the log and the table, and the plain ones stand.
+    from taxogan_ext.taxon_detector import DETECTOR_FORMAT, TaxonClassifier, save_taxon_detector
+    torch.manual_seed(0)
+    save_taxon_detector(TaxonClassifier(list(TAXA), resolution=16, channels=(8, 16)).eval(),
+                        dict(format=DETECTOR_FORMAT, class_names=list(TAXA), resolution=16), str(tmp_path / 'filter.pt'))
+    filtered_args = [a if a != 'cas_taxon,gain_taxon' else 'cas_taxon,gain_taxon,cas_filtered_taxon' for a in args]
+    result = runner.invoke(train_hier.main, filtered_args + ['--utility-filter', f'taxon:{tmp_path / "filter.pt"}',
+                                                             '--utility-filter-threshold', '1'])
+    assert result.exit_code == 0 and 'training on' not in result.output, result.output
+    assert 'direct: cas_filtered_taxon not measured: ' in result.output and 'pass the filter' in result.output
+    table = (tmp_path / 'exp' / 'table.md').read_text()
+    assert 'Not measured: cas_filtered_taxon of direct (' in table and 'Not measured: cas_filtered_taxon of descending (' in table
+    assert '| Gamma | 18 / 6 |' in table and 'CAS direct filtered' not in table
+    records = utility.read_utility_records(tmp_path / 'exp' / utility.UTILITY_FILE)
+    assert len(records) == 6 and sum('error' in r for r in records) == 2
+    # Without --utility-filter, a filtered measure is refused in one line before anything runs.
+    result = runner.invoke(train_hier.main, filtered_args)
+    assert result.exit_code == 1 and 'the filtered measures need --utility-filter' in result.output
     # Without a split, the utility metrics are refused in one line before anything is trained.
     result = runner.invoke(train_hier.main, NET + ['--datasets', str(tmp_path / 'ds'), '--outdir', str(tmp_path / 'exp2'),
                                                    '--metrics', 'cas_taxon'])

@@ -223,6 +223,16 @@ def _kid(opts, spec):
     return dict(results={spec.name: value}, num_real=real.num_items, num_gen=gen.num_items)
 
 
+def _knn_pair(opts, spec, measure, k, endings):
+    """Results <name>_<ending> of measure(real rows, generated rows, k=k) -> two floats (computed on rank 0)."""
+    real, gen = _real_and_generated_rows(opts, spec)
+    values = (float('nan'),) * 2
+    if opts.rank == 0:
+        values = measure(real.get_all(), gen.get_all(), k=k, device=opts.device)
+    return dict(results={f'{spec.name}_{ending}': value for ending, value in zip(endings, values)}, k=k,
+                num_real=real.num_items, num_gen=gen.num_items)
+
+
 def _real_and_generated_rows(opts, spec):
     """All feature rows of the real images (as fid/kid choose them) and of spec.count generated images."""
     real = metric_utils.compute_feature_stats_for_dataset(opts, max_items=None if spec.full else spec.count, full=spec.full,
@@ -235,23 +245,13 @@ def _real_and_generated_rows(opts, spec):
                  example='pr50k3_full', plain_detector='vgg16')
 def _pr(opts, spec):
     """Precision and recall with k = 3: results <name>_precision, <name>_recall (the '3' in the name is k)."""
-    real, gen = _real_and_generated_rows(opts, spec)
-    values = (float('nan'),) * 2
-    if opts.rank == 0:
-        values = precision_recall(real.get_all(), gen.get_all(), k=PR_K, device=opts.device)
-    return dict(results={f'{spec.name}_precision': values[0], f'{spec.name}_recall': values[1]}, k=PR_K,
-                num_real=real.num_items, num_gen=gen.num_items)
+    return _knn_pair(opts, spec, precision_recall, PR_K, ('precision', 'recall'))
 
 
 @register_metric('dc', example='dc10k_full', plain_detector='vgg16')
 def _dc(opts, spec):
     """Density and coverage with k = 5: results <name>_density, <name>_coverage."""
-    real, gen = _real_and_generated_rows(opts, spec)
-    values = (float('nan'),) * 2
-    if opts.rank == 0:
-        values = density_coverage(real.get_all(), gen.get_all(), k=DC_K, device=opts.device)
-    return dict(results={f'{spec.name}_density': values[0], f'{spec.name}_coverage': values[1]}, k=DC_K,
-                num_real=real.num_items, num_gen=gen.num_items)
+    return _knn_pair(opts, spec, density_coverage, DC_K, ('density', 'coverage'))
 
 
 @register_metric('mem', pattern=r'(?P<count>\d+)(?P<kilo>k?)', form=f'mem<N>[k]{SUFFIXES}', example='mem1k')
