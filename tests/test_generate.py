@@ -28,9 +28,13 @@ def pkl(tmp_path):
 
 
 def test_parse_range():
-    assert generate.parse_range('0-3,7') == [0, 1, 2, 3, 7]
-    with pytest.raises(ValueError):
-        generate.parse_range('a-b')
+    from stylegan2ada import cli
+    from stylegan2ada.util import UserError
+    assert cli.parse_range('0-3,7') == [0, 1, 2, 3, 7]
+    with pytest.raises(UserError, match=r"^--seeds a-b: cannot parse 'a-b'"):
+        cli.parse_range('a-b', '--seeds')
+    with pytest.raises(UserError, match="empty range '5-3'"):
+        cli.parse_range('5-3')
 
 
 def test_writes_images_equal_to_direct_generation(tmp_path, pkl):
