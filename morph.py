@@ -12,8 +12,6 @@ import os
 
 import click
 import numpy as np
-import PIL.Image
-import PIL.ImageDraw
 import torch
 import tqdm
 
@@ -173,27 +171,30 @@ def classifier_classes(
 
 
 def write_chart(
-    path,               # PNG to write
-    steps,              # blends [T]
-    share_a,            # [T] shares classified as A
-    share_b,            # [T] shares classified as B
-    name_a,             # taxon A
-    name_b,             # taxon B
-    num_images,         # latents per step
+    path,                                       # chart.png; chart.pdf and chart.svg go beside it
+    steps,                                      # blends [T]
+    share_a,                                    # [T] shares classified as A
+    share_b,                                    # [T] shares classified as B
+    name_a,                                     # taxon A
+    name_b,                                     # taxon B
+    num_images,                                 # latents per step
+    formats         = report.FIGURE_FORMATS,    # file formats written
 ):
-    """Line chart of the classifier's shares along the path (PIL; the plotting code of taxogan_ext.report)."""
-    image = PIL.Image.new('RGB', (560, 340), 'white')
-    draw = PIL.ImageDraw.Draw(image)
-    series = [(f'classified as {name_a}', report.PALETTE[0], list(zip(steps, share_a))),
-              (f'classified as {name_b}', report.PALETTE[1], list(zip(steps, share_b)))]
-    report.draw_panel(draw, (60, 40, 540, 270), series, f'Taxon classifier along the morph ({num_images} latents)',
-                      f'blend: 0 = {name_a}, 1 = {name_b}', 'share', ylim=(0.0, 1.0))
-    x = 60
-    for label, color, _ in series:
-        draw.rectangle([x, 312, x + 12, 322], fill=color)
-        draw.text((x + 18, 309), label, fill='black')
-        x += 40 + int(draw.textlength(label))
-    save_png_atomic(image, path)
+    """Line chart of the classifier's shares along the path (matplotlib); returns the report.Chart drawn."""
+    series = [dict(panel='shares', label=f'classified as {name}', x=list(steps), y=list(shares))
+              for name, shares in ((name_a, share_a), (name_b, share_b))]
+    figure = report.new_figure(5.6, 3.6)
+    ax = figure.add_subplot()
+    for i, item in enumerate(series):
+        ax.plot(item['x'], item['y'], color=f'C{i}', marker='o', markersize=4, linewidth=1.5, label=item['label'])
+    ax.set_xlim(-0.03, 1.03)            # a little room: the markers at blend 0 and 1 and at share 0 and 1 show whole
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel(f'blend: 0 = {name_a}, 1 = {name_b}')
+    ax.set_ylabel('share')
+    ax.set_title(f'Taxon classifier along the morph ({num_images} latents)', loc='left', fontsize='medium')
+    ax.grid(True, color='0.9')
+    ax.legend(frameon=False)
+    return report.Chart(report.save_figure(figure, path, formats), series)
 
 #----------------------------------------------------------------------------
 # Output.
@@ -256,7 +257,7 @@ def main(**kwargs):
     """Morph between two taxa's generators at fixed latents.
 
     Writes strip-seedNNNN.png (one strip per latent, blend 0 to 1 from left to right), grid.png (all strips),
-    morph.json, and with --classifier chart.png; with --save-video morph.mp4 or morph.gif.
+    morph.json, and with --classifier chart.png (and chart.pdf, chart.svg); with --save-video morph.mp4 or morph.gif.
 
     \b
     Examples:
@@ -311,8 +312,8 @@ def main(**kwargs):
         share_a, share_b = classifier_shares(detector, images, class_indices[0], class_indices[1], device)
         record['classifier'] = dict(spec=detector.spec, class_names=detector.class_names, classes=class_indices,
                                     share_a=share_a, share_b=share_b, num_images=N)
-        write_chart(os.path.join(opts['outdir'], 'chart.png'), steps, share_a, share_b, name_a, name_b, N)
-        written.append('chart.png')
+        chart = write_chart(os.path.join(opts['outdir'], 'chart.png'), steps, share_a, share_b, name_a, name_b, N)
+        written += [os.path.basename(p) for p in chart.paths]
     write_json_atomic(os.path.join(opts['outdir'], 'morph.json'), record)
     if opts['save_video']:
         gw = math.ceil(math.sqrt(N))

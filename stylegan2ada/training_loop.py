@@ -6,7 +6,9 @@ Semantics follow NVIDIA's stylegan2-ada-pytorch; differences are deliberate and 
 - a snapshot is also written when the run is interrupted (Ctrl-C / SIGTERM);
 - non-finite losses stop the run with a message naming the tick and the term;
 - `keep_snapshots` keeps only the newest snapshots (and the best by the first snapshot metric), deleting older ones
-  only once a new one is complete; a full disk stops the run with one line (DiskFullError), the workers ended.
+  only once a new one is complete; a full disk stops the run with one line (DiskFullError), the workers ended;
+- TensorBoard events (when tensorboard is installed) carry each tick's end time as walltime, not the seconds since
+  the process started, so that the curves of a resumed run continue those of the run before it.
 """
 
 import copy
@@ -489,11 +491,13 @@ def setup_snapshot_image_grid(training_set, grid_size, random_seed=0):
 
 
 class _TickLog:
-    """Writes log lines to stdout and log.txt, and stats to stats.jsonl (rank 0 only)."""
+    """Writes log lines to stdout and log.txt, stats to stats.jsonl, and (when tensorboard is installed) the stats and
+    metric results as TensorBoard events in the run folder; rank 0 only."""
 
     def __init__(self, run_dir, rank):
         self.run_dir = run_dir
         self.rank = rank
+        self._events = None             # torch.utils.tensorboard.SummaryWriter while open
 
     def line(self, text):
         if self.rank != 0:
@@ -501,10 +505,45 @@ class _TickLog:
         print(text, flush=True)
         self._append('log.txt', text + '\n')
 
-    def stats(self, record):
+    def open_events(self):
+        """Start a TensorBoard events file in the run folder, or say in one line that tensorboard is not installed."""
+        if self.rank != 0 or self._events is not None:
+            return
+        try:
+            # Imported here: tensorboard is optional (pip install tensorboard), and pulls in protobuf when present.
+            from torch.utils.tensorboard import SummaryWriter  # pylint: disable=import-outside-toplevel
+        except ImportError as exc:
+            # ImportError covers a missing package and an unusable one (torch refuses tensorboard < 1.15).
+            self.line(f'TensorBoard events not written: tensorboard cannot be imported ({exc}); pip install tensorboard')
+            return
+        self._events = SummaryWriter(log_dir=self.run_dir)
+
+    def stats(self, record, global_step):
+        """Append a tick's record to stats.jsonl and its scalars (a statistic's mean) as events at global_step."""
         if self.rank != 0:
             return
         self._append('stats.jsonl', json.dumps(record) + '\n')
+        if self._events is not None:
+            for name, value in record.items():
+                if name != 'timestamp':
+                    value = value['mean'] if isinstance(value, dict) else value
+                    self._events.add_scalar(name, value, global_step=global_step, walltime=record['timestamp'])
+            self._events.flush()
+
+    def metric(self, results, global_step):
+        """Write a metric's results ({name: value}) as events Metrics/<name> at global_step."""
+        if self.rank != 0 or self._events is None:
+            return
+        walltime = time.time()
+        for name, value in results.items():
+            self._events.add_scalar(f'Metrics/{name}', value, global_step=global_step, walltime=walltime)
+        self._events.flush()
+
+    def close(self):
+        """Flush and close the events file (its writer thread ends)."""
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
     def _append(self, name, text):
         path = os.path.join(self.run_dir, name)
@@ -706,6 +745,7 @@ def training_loop(
     maintenance_time = tick_start_time - start_time
     log.line(f'Training for {total_kimg} kimg on {num_gpus} process(es), device {device}, batch {batch_size} ({batch_gpu} per process and round)...')
     snapshot_pkl = None
+    log.open_events()   # closed in the finally below, whatever ends the run
 
     try:
         while True:
@@ -762,6 +802,7 @@ def training_loop(
                                             f'{f" and {len(non_finite) - 1} more" if len(non_finite) > 1 else ""}; '
                                             f'lower the learning rate or gamma, or check the data')
             tick_end_time = time.time()
+            global_step = int(cur_nimg / 1e3)      # TensorBoard's step: whole kimg, as NVIDIA's events count it
             tick_time = tick_end_time - tick_start_time
             sec_per_kimg = tick_time / max(cur_nimg - tick_start_nimg, 1) * 1000
             eta = (total_nimg - cur_nimg) / 1000 * sec_per_kimg if cur_tick > 0 or done else float('nan')
@@ -791,7 +832,8 @@ def training_loop(
                         raise RuntimeError(f'the {num_gpus} training processes hold different weights at tick {cur_tick}')
                 snapshot_pkl = save_snapshot(cur_tick + 1)
                 if metrics:
-                    _evaluate(metrics, G_ema, training_set_kwargs, detector, num_gpus, rank, device, run_dir, snapshot_pkl, log)
+                    _evaluate(metrics, G_ema, training_set_kwargs, detector, num_gpus, rank, device, run_dir, snapshot_pkl, log,
+                              global_step)
                 if keep_snapshots is not None and rank == 0:
                     # After the metrics: the new snapshot's value decides which one is the best.
                     removed, best = prune_snapshots(run_dir, keep_snapshots, metrics[0] if metrics else None)
@@ -808,7 +850,7 @@ def training_loop(
                 'Resources/cpu_mem_gb': cpu_mem, 'Resources/gpu_mem_gb': gpu_mem, 'Resources/gpu_reserved_gb': gpu_reserved,
                 'timestamp': time.time(),
             })
-            log.stats(record)
+            log.stats(record, global_step)
             if progress_callback is not None:
                 progress_callback(cur_nimg, total_nimg)
 
@@ -826,16 +868,18 @@ def training_loop(
         # Ends the DataLoader workers now, whatever stopped the run (a full disk, a bug): the exception's traceback
         # would otherwise keep this frame, and with it the iterator and its workers, alive until the process exits.
         training_set_iterator = None
+        log.close()
 
     log.line('Exiting...')
     return snapshot_pkl
 
 
-def _evaluate(metrics, G_ema, training_set_kwargs, detector, num_gpus, rank, device, run_dir, snapshot_pkl, log):
-    """Run each metric on the snapshot's G_ema and append it to metric-<name>.jsonl."""
+def _evaluate(metrics, G_ema, training_set_kwargs, detector, num_gpus, rank, device, run_dir, snapshot_pkl, log, global_step):
+    """Run each metric on the snapshot's G_ema, append it to metric-<name>.jsonl and write it as TensorBoard events."""
     for metric in metrics:
         result = metric_main.calc_metric(metric=metric, G=G_ema, dataset_kwargs=training_set_kwargs, detector=detector,
                                          num_gpus=num_gpus, rank=rank, device=device)
         if rank == 0:
             metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=snapshot_pkl)
+            log.metric(result['results'], global_step)
             log.line(f'  {metric}: ' + ', '.join(f'{k} {v:.4f}' for k, v in result['results'].items()))

@@ -1,4 +1,4 @@
-"""Reports of an experiment: the paper's tables (Markdown, CSV), image grids per taxon, training curves (PNG).
+"""Reports of an experiment: the paper's tables (Markdown, CSV), image grids per taxon, charts (matplotlib: PNG, PDF, SVG).
 
 Input is an experiment folder written by train_hier.py: `results.jsonl` (one record per evaluated stage and
 taxon) and the stage folders (stage.json, stats.jsonl, metric-*.jsonl, pickles). Table 1 experiments are a
@@ -13,6 +13,7 @@ labelled "paper (Inception)".
 """
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -29,7 +30,7 @@ from stylegan2ada.dataset import ImageFolderDataset
 from stylegan2ada.image_utils import generate_images, save_png_atomic
 from stylegan2ada.metrics.detectors import resolve_detector
 from stylegan2ada.pickles import evaluation_network, load_network_pkl
-from stylegan2ada.util import UserError, write_text_atomic
+from stylegan2ada.util import UserError, atomic_write, write_text_atomic
 from taxogan_ext import dcgan  # noqa: F401  (registers the DCGAN baseline's classes for its pickles)
 from taxogan_ext import hierarchy, utility
 from taxogan_ext.taxonomy import ManifestError, load_manifest
@@ -59,6 +60,7 @@ GRID_FILE = 'grid-{}.png'
 OVERVIEW_FILE = 'overview.png'
 CURVES_FILE = 'curves.png'
 GAIN_FILE = 'gain.png'
+FIGURE_FORMATS = ('png', 'pdf', 'svg')      # each chart (curves, gain) is written in these formats, beside its PNG
 CLOSEST_FILE = 'closest-{}.png'
 # Results of the k-NN metric families (stylegan2ada.metrics): (family, result-name ending, table label, CSV field).
 KNN_RESULTS = (('pr', '_precision', 'P', 'precision'), ('pr', '_recall', 'R', 'recall'),
@@ -70,6 +72,55 @@ BALANCED = 'balanced mean'
 
 class ReportError(UserError):
     """An experiment folder that cannot be reported; one line naming the file."""
+
+#----------------------------------------------------------------------------
+# Charts: matplotlib figures on the Agg canvas (no display, no pyplot state), each written as PNG, PDF and SVG.
+
+FIGURE_DPI = 100                            # PNG pixels per inch
+# The PDF and SVG files leave out the date of writing, and the SVG's element ids come from this salt instead of a
+# random one: the same data give the same bytes, as the image grids do.
+_FIGURE_METADATA = {'png': {}, 'pdf': {'CreationDate': None}, 'svg': {'Date': None}}
+_SVG_HASH_SALT = 'taxogan'
+
+@dataclasses.dataclass
+class Chart:
+    """A chart as drawn: the files written and every series plotted (what tests and readers check, not pixels)."""
+    paths:  list            # files written, in the order of the formats asked for
+    series: list            # one dict per series: panel, label, x, y, and low, high where it has intervals
+
+def new_figure(
+    width,                  # inches
+    height,                 # inches
+):
+    """An empty matplotlib Figure on its own Agg canvas (constrained layout), outside pyplot's global figures."""
+    # Imported here: matplotlib takes a moment to import, and most users of this module write tables only.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+    from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+    figure = Figure(figsize=(width, height), layout='constrained')
+    FigureCanvasAgg(figure)
+    return figure
+
+def save_figure(
+    figure,                             # matplotlib Figure
+    path,                               # output path; its suffix is replaced by each format's
+    formats         = FIGURE_FORMATS,   # file formats, e.g. ('png', 'pdf', 'svg')
+) -> list[str]:
+    """Write the figure once per format beside `path` (curves.png -> curves.png, curves.pdf, curves.svg), atomically."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    written = []
+    for fmt in formats:
+        if fmt not in _FIGURE_METADATA:
+            raise ValueError(f'figure format {fmt!r}: one of {", ".join(_FIGURE_METADATA)}')
+        out = Path(path).with_suffix('.' + fmt)
+        with matplotlib.rc_context({'svg.hashsalt': _SVG_HASH_SALT}), atomic_write(out, 'wb') as f:
+            figure.savefig(f, format=fmt, dpi=FIGURE_DPI, metadata=_FIGURE_METADATA[fmt])
+        written.append(str(out))
+    return written
+
+def _stage_handles(labels):
+    """Legend entries (a coloured line with a marker) for stages drawn in colours C0, C1, ..."""
+    from matplotlib.lines import Line2D  # pylint: disable=import-outside-toplevel
+    return [Line2D([], [], color=f'C{i % 10}', marker='o', markersize=4, label=label) for i, label in enumerate(labels)]
 
 #----------------------------------------------------------------------------
 # Records.
@@ -401,8 +452,9 @@ def _filter_note(records) -> str:
     found = next((r.get('filter') for r in records if r and r.get('filter')), None)
     if not found:
         return ''
-    return (f' Filtered: only generated images that the classifier {os.path.basename(found["classifier"])} assigns to '
-            f'their taxon with probability >= {found["threshold"]:g} (trained on the training images only).')
+    rule = found.get('rule') or f'p >= {found["threshold"]:g}'
+    return (f' Filtered: only generated images that the classifier {os.path.basename(found["classifier"])} (trained on '
+            f'the training images only) assigns to their taxon ({rule}).')
 
 def utility_csv_rows(utility_records) -> list[dict]:
     """CSV values of the utility measures: {(taxon or BALANCED, method): {cas_metric, cas, ..., gain_filtered_high}}."""
@@ -417,58 +469,49 @@ def utility_csv_rows(utility_records) -> list[dict]:
             entry.update({f'{kind}_metric': r['metric'], kind: value, f'{kind}_low': low, f'{kind}_high': high})
     return out
 
-def write_gain_chart(utility_records, path) -> str | None:
+def write_gain_chart(
+    utility_records,                    # current_utility's records
+    path,                               # output file (gain.png); the other formats beside it
+    formats         = FIGURE_FORMATS,   # file formats written
+) -> Chart | None:
     """Per-taxon bar chart of the augmentation gain, one bar per method with its interval; None without gain records."""
     gains = [r for r in utility_records if _utility_kind(r) == 'gain' and 'error' not in r]
     if not gains:
         return None
     methods = _methods_of(gains)
     groups = list(gains[0]['targets']) + [BALANCED]
-    bars = {m: [] for m in methods}
+    series = []
     for m in methods:
         r = _utility_of(gains, 'gain', m)
-        bars[m] = [r['per_taxon'][t] for t in groups[:-1]] + [[r['value']] + list(r['interval'])]
-    # A gain in accuracy lies in [-1, 1]: intervals of few seeds that reach beyond are drawn up to the edge.
-    values = [min(max(v, -1.0), 1.0) for m in methods for triple in bars[m] for v in triple if not math.isnan(v)]
+        triples = [r['per_taxon'][t] for t in groups[:-1]] + [[r['value']] + list(r['interval'])]
+        series.append(dict(panel='gain', label=m, x=list(groups), y=[t[0] for t in triples],
+                           low=[t[1] for t in triples], high=[t[2] for t in triples]))
+    figure = new_figure(1.4 + 1.5 * len(groups), 4.2)
+    ax = figure.add_subplot()
+    width = 0.8 / len(methods)
+    for i, item in enumerate(series):
+        x = np.arange(len(groups)) - 0.4 + (i + 0.5) * width
+        y, low, high = (np.asarray(item[k], dtype=np.float64) for k in ('y', 'low', 'high'))
+        shown = np.isfinite(y)                  # a method without a value for a taxon leaves its place empty
+        ax.bar(x[shown], y[shown], width * 0.9, color=f'C{i % 10}', label=item['label'])
+        ranged = shown & np.isfinite(low)       # one seed: no interval
+        ax.errorbar(x[ranged], y[ranged], yerr=[y[ranged] - low[ranged], high[ranged] - y[ranged]], fmt='none',
+                    ecolor='black', elinewidth=1, capsize=4)
+    # A gain in accuracy lies in [-1, 1]: intervals of few seeds that reach beyond are cut at the edge of the axes.
+    values = [min(max(v, -1.0), 1.0) for item in series for k in ('y', 'low', 'high') for v in item[k] if not math.isnan(v)]
     lo, hi = min(values + [0.0]), max(values + [0.0])
     pad = 0.1 * (hi - lo or 0.1)
-    width, height, left, top, bottom = 140 + 150 * len(groups), 420, 70, 40, 80
-    image = Image.new('RGB', (width, height), 'white')
-    draw = ImageDraw.Draw(image)
-    font = _font(12)
-    ylim = (max(lo - pad, -1.0), min(hi + pad, 1.0))
-    ticks = [t for t in nice_ticks(*ylim) if ylim[0] <= t <= ylim[1]]
-    to_y = lambda v: top + (ylim[1] - min(max(v, ylim[0]), ylim[1])) / (ylim[1] - ylim[0]) * (height - top - bottom)
-    draw.text((left, 8), f'Gain in held-out accuracy from adding generated images ({gains[0]["metric"]}; '
-                         f'mean over {gains[0].get("seeds")} seeds, 95 % t-interval)', fill='black', font=_font(13))
-    for t in ticks:
-        draw.line([left, to_y(t), width - 20, to_y(t)], fill=(225, 225, 225))
-        draw.text((8, to_y(t) - 7), f'{t:+.2f}', fill='black', font=font)
-    draw.line([left, to_y(0), width - 20, to_y(0)], fill='black')
-    group_w = (width - 20 - left) / len(groups)
-    bar_w = group_w * 0.8 / len(methods)
-    for g, name in enumerate(groups):
-        x0 = left + g * group_w + group_w * 0.1
-        for i, m in enumerate(methods):
-            value, low, high = bars[m][g]
-            if math.isnan(value):
-                continue
-            xa, xb = x0 + i * bar_w, x0 + (i + 1) * bar_w - 2
-            draw.rectangle([xa, min(to_y(value), to_y(0)), xb, max(to_y(value), to_y(0))], fill=PALETTE[i % len(PALETTE)])
-            if not math.isnan(low):
-                xm = (xa + xb) / 2
-                draw.line([xm, to_y(low), xm, to_y(high)], fill='black', width=1)
-                draw.line([xm - 4, to_y(low), xm + 4, to_y(low)], fill='black')
-                draw.line([xm - 4, to_y(high), xm + 4, to_y(high)], fill='black')
-        draw.text((x0, height - bottom + 8), name, fill='black', font=font)
-    y = height - bottom + 30
-    x = left
-    for i, m in enumerate(methods):
-        draw.rectangle([x, y + 3, x + 12, y + 13], fill=PALETTE[i % len(PALETTE)])
-        draw.text((x + 18, y), m, fill='black', font=font)
-        x += 30 + _text_width(draw, m, font)
-    _save_png(image, path)
-    return str(path)
+    ax.set_ylim(max(lo - pad, -1.0), min(hi + pad, 1.0))
+    ax.axhline(0, color='black', linewidth=0.8)
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.yaxis.set_major_formatter('{x:+.2f}')
+    ax.set_ylabel('gain in held-out accuracy')
+    ax.grid(True, axis='y', color='0.9')
+    ax.set_axisbelow(True)
+    ax.set_title(f'Gain in held-out accuracy from adding generated images ({gains[0]["metric"]}; '
+                 f'mean over {gains[0].get("seeds")} seeds, 95 % t-interval)', loc='left', fontsize='medium')
+    figure.legend(loc='outside lower left', ncols=len(methods), frameon=False)
+    return Chart(save_figure(figure, path, formats), series)
 
 #----------------------------------------------------------------------------
 # Table 1: configurations on one taxon.
@@ -703,87 +746,7 @@ def write_closest_pairs(
     return written
 
 #----------------------------------------------------------------------------
-# Training curves, drawn with PIL.
-
-PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
-
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """About `count` round tick values (steps 1, 2, 5 x 10^k) covering [lo, hi]."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return [0.0]
-    if hi <= lo:
-        # A flat series sits in the middle of a small range around it.
-        half = abs(lo) * 0.1 if lo else 1.0
-        lo, hi = lo - half, hi + half
-    raw = (hi - lo) / max(count - 1, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw * (1 - 1e-9))   # tolerance: (0.021 - 0.013) / 4 > 0.002
-    first = math.floor(lo / step) * step
-    ticks = []
-    value = first
-    while value <= hi + step * 1e-9:
-        ticks.append(round(value, 12))
-        value += step
-    if ticks[-1] < hi:
-        ticks.append(round(value, 12))
-    return ticks
-
-class Axes:
-    """Maps data coordinates into a pixel box (y up)."""
-
-    def __init__(self, box, xlim, ylim):
-        self.box = box                  # (left, top, right, bottom) in pixels
-        self.xlim = xlim
-        self.ylim = ylim
-
-    def __call__(self, x: float, y: float) -> tuple[float, float]:
-        """Pixel position of data point (x, y)."""
-        left, top, right, bottom = self.box
-        (x0, x1), (y0, y1) = self.xlim, self.ylim
-        px = left + (x - x0) / (x1 - x0) * (right - left)
-        py = bottom - (y - y0) / (y1 - y0) * (bottom - top)
-        return px, py
-
-def draw_panel(
-    draw,                   # ImageDraw of the figure
-    box,                    # (left, top, right, bottom) of the plot area
-    series,                 # [(label, color, [(x, y), ...])]; one point is drawn as a marker
-    title,                  # text above the panel
-    xlabel,                 # x-axis label
-    ylabel,                 # y-axis label
-    ylim        = None,     # (lo, hi); None = from the data
-) -> Axes:
-    """Axes, ticks, grid lines, labels and the series as lines with markers; returns the coordinate map."""
-    font = _font(11)
-    xs = [x for _, _, pts in series for x, _ in pts] or [0, 1]
-    ys = [y for _, _, pts in series for _, y in pts if math.isfinite(y)] or [0, 1]
-    xt = nice_ticks(min(0.0, min(xs)), max(xs))
-    yt = nice_ticks(*(ylim or (min(ys), max(ys))))
-    axes = Axes(box, (xt[0], xt[-1]), (yt[0], yt[-1]))
-    left, top, right, bottom = box
-    for x in xt:
-        px, _ = axes(x, yt[0])
-        draw.line([(px, top), (px, bottom)], fill=(230, 230, 230))
-        label = f'{x:g}'
-        draw.text((px - _text_width(draw, label, font) / 2, bottom + 4), label, fill='black', font=font)
-    for y in yt:
-        _, py = axes(xt[0], y)
-        draw.line([(left, py), (right, py)], fill=(230, 230, 230))
-        label = f'{y:g}'
-        draw.text((left - 6 - _text_width(draw, label, font), py - 6), label, fill='black', font=font)
-    draw.rectangle(box, outline='black')
-    draw.text((left, top - 18), title, fill='black', font=_font(13))
-    draw.text(((left + right) / 2 - _text_width(draw, xlabel, font) / 2, bottom + 20), xlabel, fill='black', font=font)
-    draw.text((right - _text_width(draw, ylabel, font), top - 16), ylabel, fill=(90, 90, 90), font=font)
-    for _, color, pts in series:
-        pts = [(x, y) for x, y in pts if math.isfinite(y)]
-        pix = [axes(x, y) for x, y in pts]
-        if len(pix) > 1:
-            draw.line(pix, fill=color, width=2)
-        for px, py in pix:
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-    return axes
+# Training curves.
 
 def _read_jsonl(path) -> list[dict]:
     out = []
@@ -820,36 +783,37 @@ def stage_curves(stage_dir, fid_metric) -> dict:
     return dict(augment=augment, fid=sorted(fid))
 
 def write_curves(
-    exp_dir,                # experiment folder (curves.png goes here)
-    stages,                 # [(label, stage folder, fid metric name)]
-    path        = None,     # output file; None = exp_dir/curves.png
-) -> str | None:
-    """FID and augment p over kimg, one line per stage, as a PNG; None when no stage has statistics."""
+    exp_dir,                            # experiment folder (curves.png, .pdf, .svg go here)
+    stages,                             # [(label, stage folder, fid metric name)]
+    path            = None,             # output file; None = exp_dir/curves.png (other formats beside it)
+    formats         = FIGURE_FORMATS,   # file formats written
+) -> Chart | None:
+    """FID and augment p over kimg, one line per stage; None when no stage has statistics."""
     data = [(label, stage_curves(folder, metric)) for label, folder, metric in stages]
     data = [(label, d) for label, d in data if d['augment'] or d['fid']]
     if not data:
         return None
-    width, panel_h = 900, 300
-    legend_h = 18 * len(data) + 10
-    height = 40 + 2 * (panel_h + 70) + legend_h
-    image = Image.new('RGB', (width, height), 'white')
-    draw = ImageDraw.Draw(image)
-    colors = {label: PALETTE[i % len(PALETTE)] for i, (label, _) in enumerate(data)}
+    series = [dict(panel=panel, label=label, x=[x for x, _ in d[panel]], y=[y for _, y in d[panel]])
+              for panel in ('fid', 'augment') for label, d in data if d[panel]]
     metric_names = sorted({m for _, _, m in stages if m})
-    draw_panel(draw, (70, 40, width - 20, 40 + panel_h), [(l, colors[l], d['fid']) for l, d in data],
-               f'FID over training ({", ".join(metric_names) or "no FID metric"}; points: evaluations)', 'kimg of the stage', 'FID')
-    top2 = 40 + panel_h + 70
-    draw_panel(draw, (70, top2, width - 20, top2 + panel_h), [(l, colors[l], d['augment']) for l, d in data],
-               'ADA augmentation probability p', 'kimg of the stage', 'p',
-               ylim=(0.0, max([p for _, d in data for _, p in d['augment']] + [0.1])))
-    y = top2 + panel_h + 44
-    for label, _ in data:
-        draw.rectangle([70, y + 3, 84, y + 13], fill=colors[label])
-        draw.text((92, y), label, fill='black', font=_font(12))
-        y += 18
-    out = Path(path) if path else Path(exp_dir) / CURVES_FILE
-    _save_png(image, out)
-    return str(out)
+    figure = new_figure(9, 7.5)
+    fid_ax, p_ax = figure.subplots(2, 1)
+    axes = {'fid': fid_ax, 'augment': p_ax}
+    color = {label: f'C{i % 10}' for i, (label, _) in enumerate(data)}     # a stage keeps its colour in both panels
+    for item in series:
+        axes[item['panel']].plot(item['x'], item['y'], color=color[item['label']], marker='o', markersize=3, linewidth=1.5)
+    fid_ax.set_title(f'FID over training ({", ".join(metric_names) or "no FID metric"}; points: evaluations)', loc='left')
+    fid_ax.set_ylabel('FID')
+    p_ax.set_title('ADA augmentation probability p', loc='left')
+    p_ax.set_ylabel('p')
+    p_ax.set_ylim(bottom=0)
+    for ax in axes.values():
+        ax.set_xlabel('kimg of the stage')
+        ax.set_xlim(left=0)
+        ax.grid(True, color='0.9')
+    figure.legend(handles=_stage_handles([label for label, _ in data]), loc='outside lower left',
+                  ncols=2 if len(data) > 4 else 1, frameon=False)
+    return Chart(save_figure(figure, Path(path) if path else Path(exp_dir) / CURVES_FILE, formats), series)
 
 #----------------------------------------------------------------------------
 # Whole reports.
@@ -874,7 +838,7 @@ def write_report(
     written += [str(exp_dir / 'table.md'), str(exp_dir / 'table.csv')]
     chart = write_gain_chart(useful, exp_dir / GAIN_FILE)
     if chart:
-        written.append(chart)
+        written += chart.paths
     if grids:
         order = {key: i for i, key in enumerate(_sort_columns(column_key(r) for r in records))}
         taxa = _taxon_order(records)
@@ -887,9 +851,9 @@ def write_report(
         stages = {}
         for r in records:
             stages.setdefault(r['stage'], (chain_label(r), str(exp_dir / r['stage']), metric_value(r, 'fid')[0]))
-        path = write_curves(exp_dir, list(stages.values()))
-        if path:
-            written.append(path)
+        chart = write_curves(exp_dir, list(stages.values()))
+        if chart:
+            written += chart.paths
     return written
 
 def write_table1_report(
@@ -913,9 +877,9 @@ def write_table1_report(
         written += write_grids(root, entries, num=num_images, device=device)
     if curves:
         stages = [(name, str(Path(r['experiment_dir']) / r['stage']), metric_value(r, 'fid')[0]) for name, r in items]
-        path = write_curves(root, stages)
-        if path:
-            written.append(path)
+        chart = write_curves(root, stages)
+        if chart:
+            written += chart.paths
     return written
 
 #----------------------------------------------------------------------------

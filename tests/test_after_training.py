@@ -21,6 +21,7 @@ from stylegan2ada.pickles import save_network_pkl
 from stylegan2ada.util import write_json_atomic
 from taxogan_ext import hierarchy, taxonomy
 from taxogan_ext.taxon_detector import DETECTOR_FORMAT, TaxonClassifier, save_taxon_detector
+from test_report import check_figure_files
 
 RES = 16
 TINY = dict(z_dim=8, w_dim=8, img_resolution=RES, img_channels=3, mapping_kwargs=dict(num_layers=2),
@@ -243,7 +244,10 @@ def _predicted(classifier_path, images):
         return module.logits(images).argmax(dim=1).numpy()
 
 
-def test_morph_ends_are_the_generators_and_chart_ends_their_accuracy(tmp_path):
+def test_morph_ends_are_the_generators_and_chart_ends_their_accuracy(tmp_path, monkeypatch):
+    charts = []                         # what the chart drew, kept as the command runs
+    draw = morph.write_chart
+    monkeypatch.setattr(morph, 'write_chart', lambda *args, **kwargs: charts.append(draw(*args, **kwargs)) or charts[-1])
     G_a, G_b = _generator(1), _generator(2)
     pkl_a, pkl_b = _pkl(tmp_path / 'a.pkl', G_a), _pkl(tmp_path / 'b.pkl', G_b)
     # Seed 25: a random classifier that assigns some of each generator's images to each taxon (not all to one).
@@ -269,7 +273,12 @@ def test_morph_ends_are_the_generators_and_chart_ends_their_accuracy(tmp_path):
     assert shares['classes'] == [1, 2]
     assert shares['share_a'][0] == acc_a and shares['share_b'][-1] == acc_b
     assert shares['share_b'][0] == float((_predicted(classifier, images_a) == 2).mean())
-    assert (out / 'chart.png').is_file() and (out / 'grid.png').is_file()
+    assert (out / 'grid.png').is_file()
+    # The chart plots morph.json's shares over its steps, and is written as PNG, PDF and SVG.
+    (chart,) = charts
+    check_figure_files(chart, out / 'chart.png')
+    assert [(s['label'], s['x'], s['y']) for s in chart.series] == [
+        ('classified as Calanoida', record['steps'], shares['share_a']), ('classified as Cyclopoida', record['steps'], shares['share_b'])]
     with PIL.Image.open(out / 'morph.gif') as gif:
         assert gif.n_frames == 5
 

@@ -316,3 +316,21 @@ def test_fetch_detectors_verifies_the_cache_and_offline_runs_name_it(tmp_path, m
     line = _error_line(result.output)
     assert str(tmp_path / 'empty' / INCEPTION_FILENAME) in line and 'TAXOGAN_OFFLINE' in line
     assert 'python calc_metrics.py fetch-detectors' in line
+
+
+def test_snapshot_estimate_of_a_wider_network_is_within_5_percent(tmp_path):
+    # Tensors dominate a snapshot once the network is not tiny: G, G_ema, D, both optimisers' moments must all be
+    # counted (forgetting G_ema alone would be some 20 % short here).
+    from stylegan2ada.dataset import ImageFolderDataset
+    from taxogan_ext import disk
+    data = write_zip(tmp_path / 'd.zip', num_images=8, resolution=32)
+    result = CliRunner().invoke(train.main, ['--data', data, '--outdir', str(tmp_path / 'runs'), '--cfg', 'auto', '--cbase', '8192',
+                                             '--cmax', '128', '--zdim', '64', '--map', '2', '--batch', '4', '--kimg', '0.004',
+                                             '--tick', '0.004', '--snap', '1', '--aug', 'noaug', '--device', 'cpu', '--no-space-check'],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run_dir = next((tmp_path / 'runs').iterdir())
+    config = json.loads((run_dir / 'training_options.json').read_text())
+    estimate = disk.snapshot_bytes(config, ImageFolderDataset(data))
+    size = os.path.getsize(latest_snapshot(str(run_dir)))
+    assert size > 4 << 20 and abs(estimate - size) <= 0.05 * size, (estimate, size)

@@ -2,11 +2,13 @@
 
 import csv
 import json
+from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from stylegan2ada.networks import Generator
 from stylegan2ada.pickles import save_network_pkl
@@ -121,33 +123,81 @@ def test_table1_layout(tmp_path):
     assert report.table1_configuration(dict(aug='fixed', lecam_weight=1e-3)) == 'StyleGAN2 + fixed augmentation + LeCam'
 
 
-def test_nice_ticks_and_axes():
-    assert report.nice_ticks(0, 7.3) == [0, 2, 4, 6, 8]
-    assert report.nice_ticks(0.013, 0.021) == pytest.approx([0.012, 0.014, 0.016, 0.018, 0.02, 0.022])
-    assert report.nice_ticks(5, 5) == pytest.approx([4.5, 5, 5.5])                  # a flat series sits mid-range
-    axes = report.Axes((100, 50, 300, 250), (0, 10), (0, 4))
-    assert axes(0, 0) == (100, 250) and axes(10, 4) == (300, 50) and axes(5, 1) == (200, 200)
+def check_figure_files(chart, png):
+    """The chart's PNG, PDF and SVG files exist beside `png` and are valid: PIL opens the PNG, the PDF starts with %PDF,
+    the SVG parses as XML with an <svg> root."""
+    png = Path(png)
+    assert chart.paths == [str(png.with_suffix(f'.{fmt}')) for fmt in ('png', 'pdf', 'svg')]
+    with Image.open(png) as image:
+        image.verify()
+        assert image.format == 'PNG' and min(image.size) > 100
+    assert png.with_suffix('.pdf').read_bytes().startswith(b'%PDF-')
+    assert ElementTree.parse(png.with_suffix('.svg')).getroot().tag == '{http://www.w3.org/2000/svg}svg'
+    assert not [p.name for p in png.parent.iterdir() if p.name.startswith('.tmp')]     # written through renames
 
 
-def test_curves_match_metrics_to_ticks_and_draw_points(tmp_path):
-    stage = tmp_path / 'Copepoda'
-    stage.mkdir()
-    stats = [{'Progress/kimg': k, 'Progress/augment': p, 'timestamp': t}
-             for k, p, t in [(0.0, 0.0, 10), (0.5, 0.1, 20), (1.0, 0.2, 30)]]
-    (stage / 'stats.jsonl').write_text(''.join(json.dumps(s) + '\n' for s in stats))
-    # A snapshot metric is written just before its tick's stats line; the final evaluation after the last one.
-    metric = [{'results': {'fid1k_full': v}, 'timestamp': t} for v, t in [(80.0, 19), (60.0, 29), (55.0, 40)]]
-    (stage / 'metric-fid1k_full.jsonl').write_text(''.join(json.dumps(m) + '\n' for m in metric) + '{"cut')
-    curves = report.stage_curves(stage, 'fid1k_full')
+def test_curves_plot_the_stats_and_metric_values(tmp_path):
+    stages = []
+    for n, name in enumerate(['Copepoda', 'Copepoda__Calanoida']):
+        stage = tmp_path / name
+        stage.mkdir()
+        stats = [{'Progress/kimg': k + n, 'Progress/augment': p * (n + 1), 'Loss/G/loss': {'num': 4, 'mean': 1.5, 'std': 0.1},
+                  'timestamp': t} for k, p, t in [(0.0, 0.0, 10), (0.5, 0.1, 20), (1.0, 0.2, 30)]]
+        (stage / 'stats.jsonl').write_text(''.join(json.dumps(s) + '\n' for s in stats))
+        # A snapshot metric is written just before its tick's stats line; the final evaluation after the last one.
+        metric = [{'results': {'fid1k_full': v - 10 * n}, 'timestamp': t} for v, t in [(80.0, 19), (60.0, 29), (55.0, 40)]]
+        (stage / 'metric-fid1k_full.jsonl').write_text(''.join(json.dumps(m) + '\n' for m in metric) + '{"cut')
+        stages.append((name, str(stage), 'fid1k_full'))
+    stages.append(('no statistics', str(tmp_path / 'missing'), 'fid1k_full'))          # left out of the chart
+    curves = report.stage_curves(tmp_path / 'Copepoda', 'fid1k_full')
     assert curves == dict(augment=[(0.0, 0.0), (0.5, 0.1), (1.0, 0.2)], fid=[(0.5, 80.0), (1.0, 55.0), (1.0, 60.0)])
-    path = report.write_curves(tmp_path, [('Copepoda', str(stage), 'fid1k_full')])
-    assert Image.open(path).size == (900, 40 + 2 * 370 + 28)
-    image = Image.new('RGB', (400, 300), 'white')
-    color = (214, 39, 40)
-    axes = report.draw_panel(ImageDraw.Draw(image), (60, 30, 380, 260), [('s', color, curves['fid'])], 'FID', 'kimg', 'FID')
-    for x, y in curves['fid']:
-        px, py = axes(x, y)
-        assert image.getpixel((round(px), round(py))) == color
+
+    chart = report.write_curves(tmp_path, stages)
+    check_figure_files(chart, tmp_path / 'curves.png')
+    plotted = {(s['panel'], s['label']): s for s in chart.series}
+    assert sorted(plotted) == [('augment', 'Copepoda'), ('augment', 'Copepoda__Calanoida'),
+                               ('fid', 'Copepoda'), ('fid', 'Copepoda__Calanoida')]
+    for name, _, _ in stages[:2]:
+        stats = [json.loads(line) for line in (tmp_path / name / 'stats.jsonl').read_text().splitlines()]
+        augment = plotted[('augment', name)]
+        assert augment['x'] == [s['Progress/kimg'] for s in stats] and augment['y'] == [s['Progress/augment'] for s in stats]
+        # Each FID value at the kimg of the first tick written after it (the last tick for the final evaluation).
+        values = [json.loads(line)['results']['fid1k_full'] for line in (tmp_path / name / 'metric-fid1k_full.jsonl')
+                  .read_text().splitlines()[:3]]
+        kimg = [s['Progress/kimg'] for s in stats]
+        assert sorted(zip(plotted[('fid', name)]['x'], plotted[('fid', name)]['y'])) == \
+            sorted(zip([kimg[1], kimg[2], kimg[2]], values))
+    # The same data give the same files, byte for byte (no dates, no random SVG ids).
+    before = {p: Path(p).read_bytes() for p in chart.paths}
+    again = report.write_curves(tmp_path, stages, formats=('pdf', 'svg', 'png'))
+    assert {p: Path(p).read_bytes() for p in again.paths} == before
+    assert report.write_curves(tmp_path, stages[2:]) is None
+
+
+def _gain_record(method, per_taxon, value, interval, seeds=3):
+    return dict(method=method, metric='gain_taxon', targets=list(per_taxon), per_taxon=per_taxon, value=value,
+                interval=interval, seeds=seeds)
+
+
+def test_gain_chart_plots_each_methods_gains_and_intervals(tmp_path):
+    nan = float('nan')
+    records = [
+        _gain_record('descending', {'Calanoida': [0.25, 0.05, 0.45], 'Cyclopoida': [-0.125, -1.4, 1.2]}, 0.0625, [-0.5, 0.625]),
+        _gain_record('direct', {'Calanoida': [0.5, nan, nan], 'Cyclopoida': [-0.25, -0.3, -0.2]}, 0.125, [nan, nan], seeds=1),
+        dict(method='lateral', metric='gain_taxon', error='no held-out images'),        # not measured: no bars
+        dict(method='direct', metric='cas_taxon', targets=['Calanoida', 'Cyclopoida']),  # not a gain
+    ]
+    chart = report.write_gain_chart(records, tmp_path / 'gain.png')
+    check_figure_files(chart, tmp_path / 'gain.png')
+    # Methods in the tables' order, one series each: the taxa, then the balanced mean, with the records' values.
+    assert [s['label'] for s in chart.series] == ['direct', 'descending']
+    groups = ['Calanoida', 'Cyclopoida', report.BALANCED]
+    for item, record in zip(chart.series, [records[1], records[0]]):
+        assert item['x'] == groups
+        triples = [record['per_taxon'][t] for t in groups[:2]] + [[record['value']] + record['interval']]
+        for key, column in (('y', 0), ('low', 1), ('high', 2)):
+            np.testing.assert_array_equal(item[key], [t[column] for t in triples])
+    assert report.write_gain_chart(records[2:], tmp_path / 'none.png') is None and not (tmp_path / 'none.png').exists()
 
 
 def test_grids_show_real_then_generated_rows(tmp_path):
