@@ -20,10 +20,11 @@ from stylegan2ada.pickles import MODULE_CLASSES
 from stylegan2ada.util import UserError, existing_folder, format_bytes, free_space
 
 # What a snapshot holds besides the tensors (pickle framing per tensor, the training options, RNG states), and what a
-# tick adds to stats.jsonl and log.txt; measured on our snapshots and logs (tests/test_disk.py checks the estimate).
+# tick adds to stats.jsonl, log.txt and the TensorBoard events (about 1000, 150 and 930 bytes); measured on our
+# snapshots and logs (tests/test_disk.py checks the estimate).
 SNAPSHOT_OVERHEAD_BYTES = 22 << 10
 SNAPSHOT_BYTES_PER_TENSOR = 250
-TICK_LOG_BYTES = 1536
+TICK_LOG_BYTES = 2560
 RUN_FIXED_BYTES = 4 << 10       # training_options.json
 # A PNG grid of generated or real images, as a share of its raw pixel bytes (PNG compresses such images little).
 PNG_RATIO = 0.7
@@ -33,6 +34,8 @@ REPORT_GRID_IMAGES = 8
 REPORT_OVERVIEW_IMAGES = 4
 REPORT_ENLARGED_PNG_RATIO = 0.33
 REPORT_FIXED_BYTES = 32 << 10
+# A chart (curves, gain) as PNG, PDF and SVG: about 40 + 20 + 60 KB measured on a tiny plan's curves.
+REPORT_CHART_BYTES = 120 << 10
 
 
 class InsufficientSpaceError(UserError):
@@ -42,14 +45,16 @@ class InsufficientSpaceError(UserError):
 @dataclasses.dataclass
 class DiskEstimate:
     """Bytes a run or a plan will add to its destination, and how they add up."""
-    total:      int = 0             # bytes, peak (a new snapshot is complete before an old one is deleted)
+    total:      int = 0             # bytes at the peak: what stays, plus the largest transient
     snapshot:   int = 0             # bytes of one snapshot (the largest, for a plan)
-    snapshots:  int = 0             # snapshot files present at the peak (summed over stages)
-    parts:      dict = dataclasses.field(default_factory=dict)     # what -> bytes
+    snapshots:  int = 0             # snapshot files that stay (summed over stages)
+    parts:      dict = dataclasses.field(default_factory=dict)     # what stays -> bytes
+    transient:  int = 0             # bytes present only while a run trains: snapshots that --keep-snaps deletes later
 
     def add(self, other):
-        """Add another estimate (a stage) to this one (the plan)."""
-        self.total += other.total
+        """Add another estimate (a stage) to this one (the plan): stages run one at a time, so their transients do not add."""
+        self.total += other.total - other.transient + max(other.transient - self.transient, 0)
+        self.transient = max(self.transient, other.transient)
         self.snapshot = max(self.snapshot, other.snapshot)
         self.snapshots += other.snapshots
         for key, value in other.parts.items():
@@ -62,8 +67,10 @@ class DiskEstimate:
 
     def describe(self):
         """'1.2 GiB (3 snapshots of 400 MiB, grids and logs 20 MiB, ...)'."""
-        parts = ', '.join(f'{name} {format_bytes(value)}' for name, value in self.parts.items() if value)
-        return f'{format_bytes(self.total)} ({parts})'
+        parts = [f'{name} {format_bytes(value)}' for name, value in self.parts.items() if value]
+        if self.transient:
+            parts.append(f'{format_bytes(self.transient)} more while a stage writes a snapshot before deleting older ones')
+        return f'{format_bytes(self.total)} ({", ".join(parts)})'
 
 
 def _module_bytes(module, with_adam):
@@ -135,12 +142,13 @@ def run_estimate(
                                      snap_ticks, start_nimg, start_tick)
     files = len({nimg // 1000 for nimg in snaps})       # one file per kimg: later ones of the same kimg replace it
     with_best = bool(config.get('metrics'))
-    if keep_snaps is not None:
-        # At the peak a new snapshot is complete and the older ones are not deleted yet.
-        files = min(files, keep_snaps + 1 + with_best)
+    kept = files if keep_snaps is None else min(files, keep_snaps + with_best)
+    # At the peak a new snapshot is complete and the older ones are not deleted yet: one more than what stays.
+    peak = files if keep_snaps is None else min(files, keep_snaps + 1 + with_best)
     size = snapshot_bytes(config, training_set)
-    estimate = DiskEstimate(snapshot=size, snapshots=files)
-    estimate.add_part('snapshots', files * size)
+    estimate = DiskEstimate(snapshot=size, snapshots=kept, transient=(peak - kept) * size)
+    estimate.total += estimate.transient
+    estimate.add_part('snapshots', kept * size)
     # Grids: reals.png and fakes_init.png of a fresh run, then one fakes*.png per snapshot tick (never deleted).
     num_grid = min(64, max(len(training_set), 16))
     gw, gh = grid_size_for(num_grid, max_width=8)
@@ -164,7 +172,7 @@ def report_bytes(
     resolution,         # image side in pixels
 ):
     """Estimated bytes of a plan's report: per taxon a grid and an overview block; the tables and curves."""
-    total = REPORT_FIXED_BYTES
+    total = REPORT_FIXED_BYTES + REPORT_CHART_BYTES         # the training curves (a gain chart only with --holdout)
     for cells, side in ((REPORT_GRID_IMAGES, min(max(resolution, 64), 256)), (REPORT_OVERVIEW_IMAGES, min(max(resolution, 64), 128))):
         # Images enlarged to the cell compress well; at their own size, as the training grids do.
         ratio = REPORT_ENLARGED_PNG_RATIO if side > resolution else PNG_RATIO
