@@ -49,7 +49,7 @@ bench: $(MANIFEST) $(TAXON_DETECTOR) | $(INSTALLED)
 	$(PY) bench/train_step.py --res 64
 	$(PY) bench/forward.py --res 64,256
 	$(PY) bench/augment.py
-	$(PY) bench/dataset_tool.py --num 2000
+	$(PY) bench/dataset_tool.py --num 600,6000
 	$(PY) bench/metrics.py --data $(DATASETS)/Calanoida.zip --detector taxon:$(TAXON_DETECTOR) --num 1000
 	$(PY) bench/inception_cpu.py --num 256
 

@@ -13,15 +13,26 @@ import types
 import click
 
 from stylegan2ada import cli
-from taxogan_ext import collection, synthesize as synthesis, taxonomy
+from taxogan_ext import collection, taxonomy
 
 # The build's defaults are declared once, in collection.BuildOptions; the options below show them.
 DEFAULTS = types.MappingProxyType({field.name: field.default for field in dataclasses.fields(collection.BuildOptions)})
-SYN_DEFAULTS = types.MappingProxyType({field.name: field.default for field in dataclasses.fields(synthesis.SynthesisOptions)})
 
 #----------------------------------------------------------------------------
 
-@click.group(cls=cli.Group)
+class LazyGroup(cli.Group):
+    """The tool's commands, `synthesize` made only when it is asked for."""
+
+    # synthesize needs torch and the networks (about 1 s of imports); build and info need neither.
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), 'synthesize'])
+
+    def get_command(self, ctx, cmd_name):
+        if cmd_name == 'synthesize':
+            return synthesize_command()
+        return super().get_command(ctx, cmd_name)
+
+@click.group(cls=LazyGroup)
 def cmdline():
     """Taxonomic image collections -> per-taxon dataset zips + manifest.json."""
 
@@ -62,6 +73,7 @@ def cmdline():
 @click.option('--timeout',            help='HTTP connect/read timeout (seconds)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=DEFAULTS['timeout'], show_default=True)
 @click.option('--retries',            help='HTTP retries after the first try', metavar='INT', type=click.IntRange(min=0), default=DEFAULTS['retries'], show_default=True)
 @click.option('--compress-level',     help='PNG compression level', metavar='INT', type=click.IntRange(min=0, max=9), default=DEFAULTS['compress_level'], show_default=True)
+@click.option('--jpeg-draft/--no-jpeg-draft', help='Decode large JPEGs at 1/2, 1/4 or 1/8 size (DCT scaling) when the output is at most that', default=DEFAULTS['jpeg_draft'], show_default=True)
 @click.option('--dry-run',            help='Print what would be built; read no images, write nothing', is_flag=True)
 
 def build(**kwargs):
@@ -90,48 +102,55 @@ def info(datasets, verify):
 
 #----------------------------------------------------------------------------
 
-@cmdline.command()
+def synthesize_command() -> click.Command:
+    """The synthesize command (imports torch and the networks)."""
+    from taxogan_ext import synthesize as synthesis  # pylint: disable=import-outside-toplevel  (see LazyGroup)
+    syn_defaults = types.MappingProxyType({field.name: field.default for field in dataclasses.fields(synthesis.SynthesisOptions)})
 
-# Generators.
-@click.option('--plan',               help='train_hier.py experiment folder whose networks to use (with --method)', metavar='DIR', type=str, default=None)
-@click.option('--method',             help='Plan method whose network answers each target (direct, lateral, descending, conditional, ...)', metavar='NAME', type=str, default=None)
-@click.option('--generator', 'generators', help='A network per taxon instead of a plan (repeat); @CLASS: class index or name of a conditional one', metavar='TAXON=PKL[@CLASS]', type=str, multiple=True)
-@click.option('--taxa',               help='Taxa to export  [default: every target of the plan / every --generator]', metavar='LIST', type=str, default=None)
-@click.option('--datasets',           help='Datasets folder of the taxa (taxonomy, real images)  [default: the plan\'s]', metavar='DIR', type=str, default=None)
+    @click.command(cls=cli.Command)
 
-# How many.
-@click.option('--num',                help='Synthetic images per taxon', metavar='INT', type=click.IntRange(min=1), default=None)
-@click.option('--top-up',             help='Instead of --num: each taxon up to this many images, its real ones included', metavar='INT', type=click.IntRange(min=1), default=None)
+    # Generators.
+    @click.option('--plan',               help='train_hier.py experiment folder whose networks to use (with --method)', metavar='DIR', type=str, default=None)
+    @click.option('--method',             help='Plan method whose network answers each target (direct, lateral, descending, conditional, ...)', metavar='NAME', type=str, default=None)
+    @click.option('--generator', 'generators', help='A network per taxon instead of a plan (repeat); @CLASS: class index or name of a conditional one', metavar='TAXON=PKL[@CLASS]', type=str, multiple=True)
+    @click.option('--taxa',               help='Taxa to export  [default: every target of the plan / every --generator]', metavar='LIST', type=str, default=None)
+    @click.option('--datasets',           help='Datasets folder of the taxa (taxonomy, real images)  [default: the plan\'s]', metavar='DIR', type=str, default=None)
 
-# Sampling.
-@click.option('--trunc',              help='Truncation psi', metavar='FLOAT', type=click.FloatRange(min=-2, max=2), default=SYN_DEFAULTS['trunc'], show_default=True)
-@click.option('--noise-mode',         help='Noise mode', type=click.Choice(list(synthesis.NOISE_MODES)), default=SYN_DEFAULTS['noise_mode'], show_default=True)
-@click.option('--seed',               help='Base seed (each taxon\'s seeds derive from it and the taxon name)', metavar='INT', type=click.IntRange(min=0), default=SYN_DEFAULTS['seed'], show_default=True)
+    # How many.
+    @click.option('--num',                help='Synthetic images per taxon', metavar='INT', type=click.IntRange(min=1), default=None)
+    @click.option('--top-up',             help='Instead of --num: each taxon up to this many images, its real ones included', metavar='INT', type=click.IntRange(min=1), default=None)
 
-# Filter.
-@click.option('--filter', 'filter',   help='Keep only images the taxon classifier assigns to their taxon', metavar='taxon:PATH', type=str, default=None)
-@click.option('--filter-threshold',   help='Minimum classifier probability of the image\'s taxon', metavar='P', type=click.FloatRange(min=0, max=1), default=SYN_DEFAULTS['filter_threshold'], show_default=True)
-@click.option('--max-tries-factor',   help='Generate at most this many times the images wanted per taxon', metavar='FLOAT', type=click.FloatRange(min=1), default=SYN_DEFAULTS['max_tries_factor'], show_default=True)
+    # Sampling.
+    @click.option('--trunc',              help='Truncation psi', metavar='FLOAT', type=click.FloatRange(min=-2, max=2), default=syn_defaults['trunc'], show_default=True)
+    @click.option('--noise-mode',         help='Noise mode', type=click.Choice(list(synthesis.NOISE_MODES)), default=syn_defaults['noise_mode'], show_default=True)
+    @click.option('--seed',               help='Base seed (each taxon\'s seeds derive from it and the taxon name)', metavar='INT', type=click.IntRange(min=0), default=syn_defaults['seed'], show_default=True)
 
-# Output.
-@click.option('--outdir',             help='Export folder: one subfolder per format and synthesis.json', metavar='DIR', type=str, required=True)
-@click.option('--format', 'formats',  help=f'Comma list of {", ".join(synthesis.FORMATS)}', metavar='LIST', type=str, default=SYN_DEFAULTS['formats'], show_default=True)
-@click.option('--with-real',          help='Also write the taxa\'s real images (marked real)', is_flag=True)
-@click.option('--compress-level',     help='PNG compression level', metavar='INT', type=click.IntRange(min=0, max=9), default=SYN_DEFAULTS['compress_level'], show_default=True)
-@click.option('--device',             help='Device to run on', type=click.Choice(['auto', 'cpu', 'cuda']), default='cpu', show_default=True)
-@click.option('--quiet',              help='No progress bar', is_flag=True)
+    # Filter.
+    @click.option('--filter', 'filter',   help='Keep only images the taxon classifier assigns to their taxon', metavar='taxon:PATH', type=str, default=None)
+    @click.option('--filter-threshold',   help='Minimum classifier probability of the image\'s taxon', metavar='P', type=click.FloatRange(min=0, max=1), default=syn_defaults['filter_threshold'], show_default=True)
+    @click.option('--max-tries-factor',   help='Generate at most this many times the images wanted per taxon', metavar='FLOAT', type=click.FloatRange(min=1), default=syn_defaults['max_tries_factor'], show_default=True)
 
-def synthesize(quiet, **kwargs):
-    """Export generated images per taxon as a datasets folder, a folder tree or an EcoTaxa table, with provenance.
+    # Output.
+    @click.option('--outdir',             help='Export folder: one subfolder per format and synthesis.json', metavar='DIR', type=str, required=True)
+    @click.option('--format', 'formats',  help=f'Comma list of {", ".join(synthesis.FORMATS)}', metavar='LIST', type=str, default=syn_defaults['formats'], show_default=True)
+    @click.option('--with-real',          help='Also write the taxa\'s real images (marked real)', is_flag=True)
+    @click.option('--compress-level',     help='PNG compression level', metavar='INT', type=click.IntRange(min=0, max=9), default=syn_defaults['compress_level'], show_default=True)
+    @click.option('--device',             help='Device to run on', type=click.Choice(['auto', 'cpu', 'cuda']), default='cpu', show_default=True)
+    @click.option('--quiet',              help='No progress bar', is_flag=True)
 
-    \b
-    Examples:
-    python dataset_tool_ext.py synthesize --plan runs/demo --method descending --num 200 --outdir synthetic
-    python dataset_tool_ext.py synthesize --generator Calanoida=cal.pkl --datasets datasets --top-up 500 \\
-        --with-real --format datasets,ecotaxa --filter taxon:taxon.pt --filter-threshold 0.8 --outdir synthetic
-    """
-    kwargs['generators'] = tuple(kwargs['generators'])
-    synthesis.synthesize(synthesis.SynthesisOptions(**kwargs), log=click.echo, progress=not quiet)
+    def synthesize(quiet, **kwargs):
+        """Export generated images per taxon as a datasets folder, a folder tree or an EcoTaxa table, with provenance.
+
+        \b
+        Examples:
+        python dataset_tool_ext.py synthesize --plan runs/demo --method descending --num 200 --outdir synthetic
+        python dataset_tool_ext.py synthesize --generator Calanoida=cal.pkl --datasets datasets --top-up 500 \\
+            --with-real --format datasets,ecotaxa --filter taxon:taxon.pt --filter-threshold 0.8 --outdir synthetic
+        """
+        kwargs['generators'] = tuple(kwargs['generators'])
+        synthesis.synthesize(synthesis.SynthesisOptions(**kwargs), log=click.echo, progress=not quiet)
+
+    return synthesize
 
 #----------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import shlex
 import sys
 
 import click
+import torch
 
 from stylegan2ada import cli, distributed
 from stylegan2ada.dataset import DatasetError, ImageFolderDataset
@@ -13,11 +14,14 @@ from stylegan2ada.metrics import metric_main
 from stylegan2ada.pickles import load_network_pkl
 from stylegan2ada.training_loop import TrainingDivergedError, TrainingInterrupted
 from stylegan2ada.util import DiskFullError, UserError, is_disk_full
-from taxogan_ext import disk, hierarchy, report, taxonomy, training, utility
+from taxogan_ext import disk, hierarchy, parallel, report, taxonomy, training, utility
 
 # train.py options the plan sets per stage, or replaces with its own: every other one is passed to all stages.
 HOLDOUT_DIR = '_holdout'     # OUTDIR/_holdout: the training-only datasets of --holdout, heldout.zip, heldout.json
 PLAN_OWNED = ('outdir', 'run_dir', 'data', 'kimg', 'resume', 'resume_mode', 'cond', 'dry_run', 'metrics')
+# Options of the driver itself, not passed on to the driver of one stage (a stage process or a Slurm job).
+DRIVER_ONLY = ('parallel', 'stage', 'slurm', 'slurm_partition', 'slurm_time', 'slurm_mem', 'slurm_cpus', 'slurm_option',
+               'dry_run', 'quiet')
 # Snapshots each stage keeps without --keep-snaps: the newest (the final one once trained: what the report, the stages
 # starting from it and a rerun read; while training, what a rerun continues from), plus the best by --snap-metrics.
 DEFAULT_KEEP_SNAPS = 1
@@ -118,6 +122,15 @@ def continue_hint():
 @click.option('--holdout-seed', help='Seed of the held-out split', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--report/--no-report', help='Write table.md, table.csv, grids and curves at the end', default=True, show_default=True)
 @click.option('--quiet',        help='No progress bars', is_flag=True)
+# Stages side by side: local processes, or Slurm jobs.
+@click.option('--parallel',     help='Train up to K stages at once whose start is trained, each in its own process on its own --gpus devices', metavar='K', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--stage',        help='Train and evaluate this stage alone (its start stage must be trained; keys: --dry-run or plan.json)', metavar='KEY', type=str, default=None)
+@click.option('--slurm',        help='Write one sbatch script per stage and DIR/submit.sh (jobs chained by afterok) instead of training', metavar='DIR', type=str, default=None)
+@click.option('--slurm-partition', help='--slurm: partition of every job', metavar='NAME', type=str, default=None)
+@click.option('--slurm-time',   help='--slurm: time limit of every job (a stage continues in its requeued job)', metavar='TIME', type=str, default=None)
+@click.option('--slurm-mem',    help='--slurm: memory of every job (sbatch --mem)', metavar='SIZE', type=str, default=None)
+@click.option('--slurm-cpus',   help='--slurm: CPUs of every job (sbatch --cpus-per-task)', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--slurm-option', help='--slurm: any sbatch option of every job, e.g. account=proj or qos=long (repeatable)', metavar='KEY=VALUE', type=str, multiple=True)
 # The classifiers of the utility metrics (cas_taxon, gain_taxon).
 @utility.click_options()
 # Training options of every stage (train.py's; see python train.py --help).
@@ -153,8 +166,19 @@ def main(**kwargs):
              metrics=hierarchy.parse_metrics(opts['metrics']), detector=opts['detector'], cache=opts['cache'],
              device=opts['device'], train_options=train_opts, report=opts['report'], progress=not opts['quiet'],
              dry_run=opts['dry_run'], holdout=opts['holdout'], holdout_seed=opts['holdout_seed'],
-             utility=utility.options_from(opts), space_check=not opts['no_space_check'])
+             utility=utility.options_from(opts), space_check=not opts['no_space_check'],
+             parallel=opts['parallel'], stage=opts['stage'], slurm=opts['slurm'], gpus=opts['gpus'],
+             slurm_options=slurm_option_list(opts),
+             command=[sys.executable, os.path.abspath(__file__)]
+                     + parallel.given_arguments(click.get_current_context(), exclude=DRIVER_ONLY) + ['--quiet'])
     run(c)
+
+
+def slurm_option_list(opts):
+    """The --slurm-* options as KEY=VALUE sbatch settings, --slurm-option last (it may replace the others)."""
+    named = dict(partition=opts['slurm_partition'], time=opts['slurm_time'], mem=opts['slurm_mem'],
+                 cpus_per_task=opts['slurm_cpus'])
+    return [f'{key.replace("_", "-")}={value}' for key, value in named.items() if value is not None] + list(opts['slurm_option'])
 
 
 def split_metrics(names):
@@ -172,12 +196,15 @@ def plan_disk_estimate(
     c,                  # the plan's config dict (outdir, holdout, report)
     plan,               # hierarchy.Plan
     states,             # hierarchy.plan_states() of it
+    only    = None,     # key of the one stage this driver trains (--stage; no report); None = the whole plan
 ):
     """disk.DiskEstimate of what running the plan still writes: stages to train, derived datasets, split, report."""
     estimate = disk.DiskEstimate()
     resolution = 0
     for stage in plan.stages:
         state = states[stage.key]
+        if only is not None and stage.key != only:
+            continue
         if state.status in ('done', 'evaluate'):
             continue
         run_dir = os.path.join(c['outdir'], stage.key)
@@ -193,7 +220,7 @@ def plan_disk_estimate(
     if c.get('holdout') is not None and not os.path.isfile(os.path.join(c['outdir'], HOLDOUT_DIR, utility.HOLDOUT_FILE)):
         manifest = taxonomy.load_manifest(c['datasets'])
         estimate.add_part('datasets', disk.zip_bytes([manifest.dataset_path(name) for name in manifest.taxa]))
-    if c.get('report', True) and resolution:
+    if c.get('report', True) and resolution and only is None:
         rows = {}                   # taxon -> grid rows: its real images, then each network evaluated on it
         for stage in plan.stages:
             for ev in stage.evaluations:
@@ -220,11 +247,16 @@ def plan_datasets(c):
 
 
 def run(c):
-    """Build the plan from config dict c; print it (dry run) or train, evaluate and report it."""
+    """Build the plan from config dict c; print it (dry run), write its Slurm jobs, or train, evaluate and report it."""
     if distributed.torchrun_env() is not None:
         # Stages run one after another in one driver; its bookkeeping is not shared between torchrun processes.
         raise hierarchy.PlanError('train_hier.py does not run under torchrun: use --gpus N on one machine, or train.py '
                                   'under torchrun for one stage at a time (see python train_hier.py --dry-run for the stages)')
+    only, workers = c.get('stage'), c.get('parallel', 1)
+    if only is not None and (workers > 1 or c.get('slurm')):
+        raise hierarchy.PlanError('--stage trains one stage: it takes neither --parallel nor --slurm')
+    if c.get('slurm') and (workers > 1 or c['dry_run']):
+        raise hierarchy.PlanError('--slurm writes the jobs of the plan: it takes neither --parallel nor --dry-run')
     stage_metrics, method_metrics = split_metrics(c['metrics'])
     utility.check_filter(method_metrics, c['utility'])
     for name in hierarchy.parse_list(c['train_options'].get('metrics')):
@@ -235,46 +267,74 @@ def run(c):
     plan = hierarchy.build_plan(manifest, c['outdir'], c['method'], targets=c['targets'], parent=c['parent'], donor=c['donor'],
                                 depth=c['depth'], resume_pkl=c['resume'], kimg_parent=c['kimg_parent'], kimg_child=c['kimg_child'],
                                 train_options=c['train_options'], overrides=c['overrides'], cond_finetune=c['cond_finetune'])
+    keys = [stage.key for stage in plan.stages]
+    if only is not None and only not in keys:
+        raise hierarchy.PlanError(f'--stage {only}: no such stage in this plan (its stages: {", ".join(keys)})')
     if c['dry_run']:
         records = hierarchy.read_results(os.path.join(c['outdir'], hierarchy.RESULTS_FILE))
         states = hierarchy.plan_states(plan, records, stage_metrics, c['detector'])
         click.echo(hierarchy.format_plan(plan, states))
         try:
-            click.echo(disk.describe_check(plan_disk_estimate(c, plan, states), c['outdir']))
+            click.echo(disk.describe_check(plan_disk_estimate(c, plan, states, only=only), c['outdir']))
         except UserError as exc:
             click.echo(f'Disk: no estimate ({exc})')
         return
-    holdout = utility.load_holdout(manifest.root) if method_metrics else None
+    holdout = utility.load_holdout(manifest.root) if method_metrics and only is None else None
 
     # Fail now rather than after hours of training: every stage's data and options, the disk space, and the detector.
     for stage in plan.stages:
+        if only is not None and stage.key != only:
+            continue
         if stage.derived is not None:
             hierarchy.write_derived_zip(stage.derived)
         stage_config(stage, os.path.join(c['outdir'], stage.key), hierarchy.stage_start_pkl(stage, c['outdir'], final=False))
     if c.get('space_check', True):
         records = hierarchy.read_results(os.path.join(c['outdir'], hierarchy.RESULTS_FILE))
         states = hierarchy.plan_states(plan, records, stage_metrics, c['detector'])
-        disk.check_free_space(plan_disk_estimate(c, plan, states), c['outdir'])
+        disk.check_free_space(plan_disk_estimate(c, plan, states, only=only), c['outdir'])
     if stage_metrics or hierarchy.parse_list(c['train_options'].get('metrics')):
         _ = training.resolve_offline(c['detector'], cache_dir=c['cache']).id   # finds (or downloads) and hashes it now
+    if c.get('slurm'):
+        write_slurm_jobs(c, plan)
+        return
 
     device = cli.pick_device(c['device'])
     evaluate = functools.partial(hierarchy.evaluate_pickle, device=device, cache_dir=c['cache'], progress=c['progress'])
     # SIGINT and SIGTERM (to the whole process group: timeout, scancel, docker stop) stop the running stage, which writes
     # a snapshot; finished stages are kept, and the same command continues.
     try:
-        with cli.stop_signals():
+        with cli.stop_signals(), hierarchy.experiment_lock(c['outdir'], stage=only) as lock_file:
+            if workers > 1:
+                run_stage_processes(c, plan, stage_metrics, device, lock_file)
             hierarchy.run_plan(plan, manifest, train_stage, stage_metrics, c['detector'], evaluate_fn=evaluate, log=click.echo,
-                               progress=c['progress'])
-            if method_metrics:
+                               progress=c['progress'], only=only, lock=False)
+            if method_metrics and only is None:
                 utility.evaluate_plan(plan, holdout, method_metrics, c.get('utility') or utility.UtilityOptions(),
                                       device=device, cache_dir=c['cache'], progress=c['progress'], log=click.echo)
     except KeyboardInterrupt:
         raise training.RunStopped(f'interrupted outside training (finished stages and evaluations are kept); '
                                   f'{continue_hint()}') from None
-    if c['report']:
+    if c['report'] and only is None:
         for path in report.write_report(c['outdir'], device=device):
             click.echo(f'wrote {path}')
+
+
+def run_stage_processes(c, plan, stage_metrics, device, lock_file):
+    """--parallel K: every stage not done, in a process of its own (the driver restricted to it), K at once."""
+    records = hierarchy.read_results(os.path.join(c['outdir'], hierarchy.RESULTS_FILE))
+    states = hierarchy.plan_states(plan, records, stage_metrics, c['detector'])
+    gpus = c.get('gpus', 1)
+    slots = parallel.device_slots(c['parallel'], gpus, device.type == 'cuda',
+                                  torch.cuda.device_count() if device.type == 'cuda' else 0)
+    parallel.run_stages(plan, states, c['command'], slots, lock_file, continue_hint(), progress=c['progress'], log=click.echo)
+
+
+def write_slurm_jobs(c, plan):
+    """--slurm DIR: an sbatch script per stage (and one for the report), and DIR/submit.sh that chains them."""
+    gres = None if c['device'] == 'cpu' else f'gpu:{c.get("gpus", 1)}'
+    settings = parallel.slurm_settings(gres, c.get('slurm_options', ()))
+    paths = parallel.write_slurm(plan, c['slurm'], c['command'], os.getcwd(), settings)
+    click.echo(f'wrote {len(paths) - 1} sbatch scripts to {c["slurm"]}; submit them with: bash {paths[-1]}')
 
 
 if __name__ == '__main__':

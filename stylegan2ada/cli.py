@@ -19,7 +19,6 @@ import signal
 import threading
 
 import click
-import torch
 
 from .util import UserError, disk_full_error, is_disk_full
 
@@ -144,6 +143,8 @@ def pick_device(
     option  = '--device',   # how messages name the option
 ):
     """The torch.device a --device option asks for; UserError when it is not available here."""
+    # Imported here: tools without a device (dataset_tool_ext.py build) start without torch's ~1 s of imports.
+    import torch  # pylint: disable=import-outside-toplevel
     if name == 'auto':
         name = 'cuda' if torch.cuda.is_available() else 'cpu'
     if name.startswith('cuda') and not torch.cuda.is_available():

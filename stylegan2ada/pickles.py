@@ -13,6 +13,8 @@ import collections
 import io
 import os
 import pickle
+import re
+import struct
 
 import numpy as np
 import torch
@@ -332,6 +334,39 @@ def tensor_bytes(value):
     return 0
 
 
+# torch's legacy storage format (inside every pickled tensor) names each storage by its memory address: the same tensors
+# then give other bytes in another process. The address is replaced by the storage's number in the file.
+_LEGACY_KEY_LIST = re.compile(rb'\x80\x02\]q\x00X(....)', re.DOTALL)       # the storage keys list: ]q0 X<len> <key>
+
+
+def _storage_bytes(storage, number):
+    """torch's legacy bytes of one storage (what torch.storage._load_from_bytes reads), named `number` not its address."""
+    buf = io.BytesIO()
+    torch.save(storage, buf, _use_new_zipfile_serialization=False)
+    data = buf.getvalue()
+    match = _LEGACY_KEY_LIST.search(data)
+    if match is None:
+        return data                                         # another layout: torch's bytes as they are (still valid)
+    length = struct.unpack('<I', match.group(1))[0]
+    key = data[match.end():match.end() + length]
+    old, new = b'X' + match.group(1) + key, b'X' + struct.pack('<I', len(str(number))) + str(number).encode()
+    return data.replace(old, new) if data.count(old) == 2 else data
+
+
+class _DeterministicPickler(pickle.Pickler):
+    """pickle.Pickler whose tensor storages carry no memory address: the same payload gives the same bytes anywhere."""
+
+    def __init__(self, file):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._storages = 0
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.storage.TypedStorage):
+            self._storages += 1
+            return torch.storage._load_from_bytes, (_storage_bytes(obj, self._storages),)
+        return NotImplemented
+
+
 def save_network_pkl(
     path,   # destination .pkl; written to a temporary file first, then renamed
     data,   # dict with modules (G, D, G_ema, augment_pipe) and plain data (tensors, numbers, strings, dicts)
@@ -340,4 +375,4 @@ def save_network_pkl(
     payload = _to_records(dict(data))
     payload['format'] = PICKLE_FORMAT
     with atomic_write(path, 'wb', fsync=True, size_hint=tensor_bytes(payload)) as f:
-        pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
+        _DeterministicPickler(f).dump(payload)

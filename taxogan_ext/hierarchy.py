@@ -48,6 +48,7 @@ STAGE_FILE      = 'stage.json'
 RESULTS_FILE    = 'results.jsonl'
 PLAN_FILE       = 'plan.json'
 LOCK_FILE       = '.train_hier.lock'
+LOCK_FD_ENV     = 'TAXOGAN_HIER_LOCK_FD'   # set by the parallel driver for its stage processes: its lock's inherited fd
 DERIVED_DIR     = '_data'           # labelled per-child zips of the conditional method
 SUPERSEDED_DIR  = 'superseded'      # stage folders whose inputs changed
 STAGE_FORMAT    = 'taxogan-stage/1'
@@ -449,8 +450,15 @@ def read_results(path) -> list[dict]:
 
 def append_record(path, record: dict) -> None:
     """Append one JSON line with a single write, so a reader never sees half a record."""
-    with open(path, 'a', encoding='utf-8') as f:
-        f.write(json.dumps(record) + '\n')
+    # One os.write on an O_APPEND descriptor: stage processes of a parallel run append side by side.
+    data = (json.dumps(record) + '\n').encode('utf-8')
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        written = os.write(fd, data)
+    finally:
+        os.close(fd)
+    if written != len(data):
+        raise OSError(f'{path}: short append ({written} of {len(data)} bytes)')
 
 def snapshot_nimg(pkl) -> int:
     """Training progress (images) stored in one of our snapshots; 0 for a pickle without progress."""
@@ -702,20 +710,52 @@ def write_derived_zip(derived: DerivedData) -> None:
         meta = dict(labels=[[name, derived.label] for name in names], label_names=list(derived.label_names), derived_from=stamp)
         out.writestr(zipfile.ZipInfo('dataset.json', date_time=(1980, 1, 1, 0, 0, 0)), json.dumps(meta))
 
+def _flock(f, mode, message):
+    """Take an flock without waiting; PlanError(message) when another process holds it."""
+    try:
+        fcntl.flock(f, mode | fcntl.LOCK_NB)
+    except OSError:
+        raise PlanError(message) from None
+
+def _inherited_lock(path) -> bool:
+    """True when this process inherited the experiment lock from the parallel driver that holds it (LOCK_FD_ENV)."""
+    fd = os.environ.get(LOCK_FD_ENV, '')
+    try:
+        held, lock = os.fstat(int(fd)), os.stat(path)
+        if (held.st_dev, held.st_ino) != (lock.st_dev, lock.st_ino):
+            return False
+        # The same open file as the driver's: taking it again is a no-op that cannot fail while the driver holds it.
+        fcntl.flock(int(fd), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except (OSError, ValueError):
+        return False
+
 @contextlib.contextmanager
-def experiment_lock(outdir):
-    """Hold OUTDIR/.train_hier.lock so two drivers never train the same stages at once."""
+def experiment_lock(
+    outdir,                         # experiment folder
+    stage           = None,         # key of the one stage this driver trains (--stage); None = the whole plan
+):
+    """Hold OUTDIR/.train_hier.lock so two drivers never train the same stages at once; yields the lock's open file.
+
+    The whole plan holds it exclusively. A driver of one stage holds it shared (stage jobs of one plan run side by side,
+    a whole-plan driver is refused meanwhile) or, started by the parallel driver, inherits that driver's; in both cases
+    it also holds OUTDIR/.train_hier.<stage>.lock exclusively.
+    """
     os.makedirs(outdir, exist_ok=True)
     path = os.path.join(outdir, LOCK_FILE)
-    with open(path, 'a+') as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise PlanError(f'{outdir}: another train_hier.py is running on this folder (lock {path})') from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    busy = f'{outdir}: another train_hier.py is running on this folder (lock {path})'
+    with contextlib.ExitStack() as held:
+        f = None
+        if stage is None or not _inherited_lock(path):
+            f = held.enter_context(open(path, 'a+'))
+            _flock(f, fcntl.LOCK_EX if stage is None else fcntl.LOCK_SH, busy)
+            held.callback(fcntl.flock, f, fcntl.LOCK_UN)
+        if stage is not None:
+            stage_path = os.path.join(outdir, f'{LOCK_FILE}.{stage}')
+            g = held.enter_context(open(stage_path, 'a+'))
+            _flock(g, fcntl.LOCK_EX, f'{outdir}: another train_hier.py is training stage {stage} (lock {stage_path})')
+            held.callback(fcntl.flock, g, fcntl.LOCK_UN)
+        yield f
 
 def _supersede(outdir, key) -> str:
     """Move a stale stage folder to OUTDIR/superseded/<key>-<n>; returns the new path."""
@@ -917,22 +957,31 @@ def run_plan(
     log             = print,        # where status lines go
     progress        = True,         # overall progress bar (kimg of the whole plan, with its ETA)
     experiment      = None,         # name stored in the records; None = the folder name
+    only            = None,         # key of the one stage to train and evaluate (its start must be trained); None = all
+    lock            = True,         # False: the caller holds the experiment lock (the parallel driver)
 ) -> list[dict]:
     """Train and evaluate every stage that is not done; returns the records appended to results.jsonl."""
     outdir = Path(plan.outdir)
     metrics = list(metrics)
     appended = []
-    with experiment_lock(outdir):
+    if only is not None:
+        plan.stage(only)                                    # KeyError for a key of no stage: the caller checks keys
+    with experiment_lock(outdir, stage=only) if lock else contextlib.nullcontext():
         write_json_atomic(outdir / PLAN_FILE, plan.to_dict())
         records = read_results(outdir / RESULTS_FILE)
         detector_id = detector_identity(detector) if metrics else None
-        states = plan_states(plan, records, metrics, detector, detector_id=detector_id)
-        todo = [s for s in plan.stages if states[s.key].status in ('todo', 'rerun', 'resume', 'waiting')]
-        log(format_plan(plan, states))
+        stages = [s for s in plan.stages if only is None or s.key == only]
+        if only is None:
+            states = plan_states(plan, records, metrics, detector, detector_id=detector_id)
+            log(format_plan(plan, states))
         run = _PlanRun(plan, manifest, outdir, metrics, detector, detector_id, records,
                        experiment or outdir.resolve().name, log)
+        if only is not None:
+            states = {only: run.current_state(stages[0])}
+        todo = [s for s in stages if states[s.key].status in ('todo', 'rerun', 'resume', 'waiting')]
         with _PlanProgress(sum(max(s.kimg - states[s.key].done_kimg, 0) for s in todo), progress) as bar:
-            for index, stage in enumerate(plan.stages, 1):
+            for stage in stages:
+                index = plan.stages.index(stage) + 1
                 state = run.current_state(stage)
                 header = f'[{index}/{len(plan.stages)}] {stage.label}'
                 if state.status == 'done':
@@ -942,5 +991,9 @@ def run_plan(
                     state.final_pkl = run.train(stage, state, header, train_fn, bar)
                 appended += run.evaluate(stage, state, header, evaluate_fn)
     return appended
+
+def stage_dependencies(plan: Plan) -> dict[str, tuple[str, ...]]:
+    """{stage key: keys of the stages whose final pickle it needs}, in plan order (a stage starts from at most one)."""
+    return {s.key: (s.start,) if s.start_kind == 'stage' else () for s in plan.stages}
 
 #----------------------------------------------------------------------------

@@ -649,3 +649,140 @@ def test_near_duplicates_found_without_bitwise_count(tmp_path, monkeypatch):
     near = [{d['source']: d['detail'] for d in taxonomy.load_manifest(tmp_path / name).dropped if d['reason'] == 'near_duplicate'}
             for name in ('numpy2', 'numpy1')]
     assert near[0] == near[1] and list(near[1]) == [where['a_near.jpg']]
+
+#----------------------------------------------------------------------------
+# Speed (issue 22): each image decoded and encoded once, JPEG draft decoding within a grey level, no torch.
+
+def _child_entries_equal_parent(dest: Path) -> int:
+    """Assert each child zip's image entries are byte-identical to the parent's of the same name; returns how many."""
+    manifest = taxonomy.load_manifest(dest)
+    checked = 0
+    with zipfile.ZipFile(manifest.dataset_path('Copepoda')) as parent:
+        for child in manifest.children('Copepoda'):
+            with zipfile.ZipFile(manifest.dataset_path(child)) as zf:
+                for info in zf.infolist():
+                    if info.filename.endswith('.png'):
+                        assert zf.read(info) == parent.read(info.filename)
+                        assert info.CRC == parent.getinfo(info.filename).CRC
+                        checked += 1
+    return checked
+
+@pytest.mark.parametrize('channels', ['auto', '3', '1'])
+def test_parent_and_child_zips_hold_byte_identical_entries(tmp_path, channels):
+    src = tmp_path / 'photos'
+    _write_collection(src, lambda file, path: '/'.join(path) + '/' + file)
+    manifest = collection.build_datasets(_build_options(src, tmp_path / 'datasets', channels=channels), log=lambda *a: None)
+    in_children = sum(manifest.num_images(child) for child in manifest.children('Copepoda'))
+    assert in_children > 0 and _child_entries_equal_parent(tmp_path / 'datasets') == in_children
+
+def test_each_image_is_decoded_and_encoded_once(tmp_path, monkeypatch):
+    # Mixed gray and colour under --channels auto: the gray images are encoded (as RGB) once the count is known, not
+    # staged as gray PNGs and encoded again; nothing decodes a staged image.
+    src = tmp_path / 'photos'
+    _write_collection(src, lambda file, path: '/'.join(path) + '/' + file)
+    encoded, opened = [], []
+    write_png, image_open = collection._write_png, collection.Image.open
+    monkeypatch.setattr(collection, '_write_png', lambda path, img, level: encoded.append(img.mode) or write_png(path, img, level))
+    monkeypatch.setattr(collection.Image, 'open', lambda fp, *a, **k: opened.append(str(fp)) or image_open(fp, *a, **k))
+    manifest = collection.build_datasets(_build_options(src, tmp_path / 'datasets'), log=lambda *a: None)
+    counts = manifest.dropped_counts
+    # Every image that decoded is encoded once, as RGB (duplicates are found after encoding), and no more.
+    assert encoded == ['RGB'] * (manifest.num_images('Copepoda') + counts['duplicate'] + counts['near_duplicate'])
+    assert not any(name.endswith('.png') and '.build-' in name for name in opened)
+
+def _specimen_jpeg(path: Path, w: int, h: int, seed: int) -> None:
+    """A flat slide with a finely textured specimen (3-pixel features) in the middle, saved at JPEG quality 90."""
+    rng = np.random.default_rng(seed)
+    arr = np.empty((h, w, 3), np.uint8)
+    arr[:] = rng.integers(150, 256, 3)
+    tex = Image.fromarray(rng.integers(0, 256, (h // 6, w // 6, 3), dtype=np.uint8)).resize((w // 2, h // 2), Image.BICUBIC)
+    arr[h // 4:h // 4 + h // 2, w // 4:w // 4 + w // 2] = np.asarray(tex)
+    Image.fromarray(arr).save(path, quality=90)
+
+@pytest.mark.parametrize('square', collection.SQUARE_MODES)
+def test_jpeg_draft_is_within_one_grey_level_of_a_full_decode(tmp_path, square):
+    # The bound stated in docs/dataset_tool.md: mean absolute difference <= 1 grey level (of 255) at 256 px.
+    sizes = [(1100, 800), (800, 1300), (2100, 1500), (1536, 1536), (3200, 2100), (1600, 1200)]
+    for i, (w, h) in enumerate(sizes):
+        _specimen_jpeg(tmp_path / f'{i}.jpg', w, h, i)
+        out = {}
+        for draft in (False, True):
+            task = dict(index=0, local=str(tmp_path / f'{i}.jpg'), min_size=0, resolution=256, square=square,
+                        compress_level=1, stage=str(tmp_path / f'{i}-{draft}.png'), draft=draft)
+            facts = collection.process_image(task)
+            assert facts['status'] == 'ok' and (facts['width'], facts['height']) == (w, h)    # as stored
+            out[draft] = np.asarray(Image.open(task['stage'])).astype(np.float64)
+        assert out[True].shape == out[False].shape == (256, 256, 3)
+        if collection.draft_scale(w, h, 256, square) > 1:
+            assert np.abs(out[True] - out[False]).mean() <= 1.0, (w, h, square)
+        else:
+            assert np.array_equal(out[True], out[False])
+    assert collection.draft_scale(1100, 800, 256, 'pad') == 1 and collection.draft_scale(1600, 1200, 256, 'pad') == 2
+    assert collection.draft_scale(3200, 2100, 256, 'crop') == 2 and collection.draft_scale(3200, 2100, 256, 'pad') == 4
+
+def test_jpeg_draft_follows_exif_rotation(tmp_path):
+    # A wide JPEG stored with orientation 6 is tall upright; the reduced decode squares the upright image too.
+    _specimen_jpeg(tmp_path / 'plain.jpg', 1400, 900, 0)     # crop to 128 px: decoded at 1/2
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(tmp_path / 'plain.jpg').save(tmp_path / 'rotated.jpg', quality=90, exif=exif)
+    out = {}
+    for draft in (False, True):
+        task = dict(index=0, local=str(tmp_path / 'rotated.jpg'), min_size=0, resolution=128, square='crop',
+                    compress_level=1, stage=str(tmp_path / f'{draft}.png'), draft=draft)
+        assert collection.process_image(task)['status'] == 'ok'
+        out[draft] = np.asarray(Image.open(task['stage'])).astype(np.float64)
+    assert np.abs(out[True] - out[False]).mean() <= 1.0
+
+def test_wide_images_resize_to_the_same_pixels(tmp_path):
+    # square_resized skips the row pass over the padded rows of a wide image: bit-identical to pad + resize.
+    rng = np.random.default_rng(5)
+    for w, h, mode in [(900, 400, 'RGB'), (513, 512, 'L'), (400, 900, 'RGB'), (300, 300, 'RGB')]:
+        arr = rng.integers(0, 256, (h // 4, w // 4) + ((3,) if mode == 'RGB' else ()), dtype=np.uint8)
+        img = Image.fromarray(arr).resize((w, h), Image.BICUBIC)
+        expected = collection.to_square(img, 'pad').resize((256, 256), Image.Resampling.LANCZOS)
+        assert np.array_equal(np.asarray(collection.square_resized(img, 'pad', 256)), np.asarray(expected))
+
+def test_zip_entries_are_pillows_png_of_their_pixels(tmp_path):
+    # The zips' bytes are the manifest's SHA-256s, and those are every trained stage's fingerprint: the same photos must
+    # give the same bytes as every earlier build, or a rebuild (make datasets) would retrain every stage of every plan.
+    # Earlier builds stored Pillow's PNG at --compress-level (default 1); the reference re-encodes each entry's pixels.
+    src = tmp_path / 'photos'
+    _write_collection(src, lambda file, path: '/'.join(path) + '/' + file)
+    manifest = collection.build_datasets(_build_options(src, tmp_path / 'datasets'), log=lambda *a: None)
+    checked = 0
+    with zipfile.ZipFile(manifest.dataset_path('Copepoda')) as zf:
+        for name in zf.namelist():
+            if not name.endswith('.png'):
+                continue
+            data = zf.read(name)
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(data)).save(buf, format='PNG', compress_level=1)
+            assert buf.getvalue() == data, name
+            checked += 1
+    assert checked == manifest.num_images('Copepoda') > 0
+
+def test_gray_test_finds_one_coloured_pixel_outside_its_sample():
+    arr = np.full((64, 80, 3), 128, np.uint8)
+    arr[13, 51] = (128, 131, 128)       # not on the 8-pixel sampling grid
+    assert collection.to_canonical(Image.fromarray(arr))[1] is False
+    arr[13, 51] = (128, 130, 128)
+    assert collection.to_canonical(Image.fromarray(arr))[1] is True
+
+def test_dataset_path_does_not_import_torch(tmp_path):
+    # Importing torch took 0.8 s of the tool's 1.5 s start-up; a build of local files needs neither it nor requests.
+    src = tmp_path / 'photos'
+    _write_collection(src, lambda file, path: '/'.join(path) + '/' + file)
+    code = ('import sys; import dataset_tool_ext; '
+            f'sys.argv = ["dataset_tool_ext.py", "build", "--source", {str(src)!r}, "--dest", {str(tmp_path / "d")!r}, '
+            f'"--resolution", "{RES}", "--min-size", "{MIN}", "--workers", "2"]; '
+            'import click; dataset_tool_ext.cmdline.main(standalone_mode=False); '
+            'print(sorted(m for m in ("torch", "scipy", "requests") if m in sys.modules))')
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True, check=False,
+                          env=dict(__import__('os').environ, PYTHONPATH=str(root)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == '[]'
+    assert (tmp_path / 'd' / 'Copepoda.zip').is_file()

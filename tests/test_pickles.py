@@ -186,3 +186,23 @@ def test_truncated_own_pickle(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(NetworkPickleError, match='no such file'):
         load_network_pkl(tmp_path / 'nope.pkl')
+
+
+def test_the_same_network_gives_the_same_file_in_another_process(tmp_path):
+    # torch's own pickling names each tensor storage by its memory address; ours numbers them, so a snapshot's SHA-256
+    # says whether two runs (serial, parallel, another machine of the same kind) made the same network.
+    import subprocess
+    import sys
+    script = ('import sys, torch\n'
+              'from stylegan2ada.networks import Generator\n'
+              'from stylegan2ada.pickles import save_network_pkl\n'
+              'torch.manual_seed(0)\n'
+              'G = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=16, img_channels=3, mapping_kwargs=dict(num_layers=2),\n'
+              '              synthesis_kwargs=dict(channel_base=64, channel_max=8))\n'
+              'junk = [torch.zeros(1000) for _ in range(int(sys.argv[2]))]   # other storages: other addresses\n'
+              'save_network_pkl(sys.argv[1], dict(G=G, G_ema=G, progress=dict(x=torch.arange(3.))))\n')
+    for name, junk in (('a.pkl', '0'), ('b.pkl', '7')):
+        subprocess.run([sys.executable, '-c', script, str(tmp_path / name), junk], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert (tmp_path / 'a.pkl').read_bytes() == (tmp_path / 'b.pkl').read_bytes()
+    data = load_network_pkl(str(tmp_path / 'a.pkl'))
+    assert torch.equal(data['progress']['x'], torch.arange(3.)) and data['G'].img_resolution == 16
