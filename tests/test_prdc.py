@@ -23,16 +23,10 @@ from stylegan2ada.metrics.metric_utils import batch_seed, generate_batch
 from stylegan2ada.networks import Generator
 from stylegan2ada.pickles import load_network_pkl, save_network_pkl
 from taxogan_ext.taxon_detector import train_taxon_classifier
+from test_metrics import _no_downloads  # noqa: F401  (autouse: nothing may download; detector lookups fail fast)
 from training_helpers import zip_entry
 
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit:DeprecationWarning')
-
-
-@pytest.fixture(autouse=True)
-def _no_downloads(monkeypatch, tmp_path):
-    """Nothing may download during the tests: detector lookups fail fast in an empty cache."""
-    monkeypatch.setenv('TAXOGAN_OFFLINE', '1')
-    monkeypatch.setenv('TAXOGAN_CACHE', str(tmp_path / 'taxogan-cache'))
 
 
 def _rel(a, b):
