@@ -25,6 +25,7 @@ from stylegan2ada.training_loop import latest_snapshot
 from stylegan2ada.util import sha256_file
 from taxogan_ext import hierarchy
 from test_hierarchy import _script_detector, _write_datasets
+from training_helpers import process_group
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILDREN = ('Calanoida', 'Cyclopoida', 'Harpacticoida')
@@ -101,9 +102,7 @@ def test_parallel_stages_give_the_serial_results(serial):
 
 def _group_signal_after_ticks(cmd, outdir, base):
     """Start the driver in its own process group; check a second driver is refused; SIGTERM once every child trains."""
-    out, err = open(base / 'out.txt', 'w'), open(base / 'err.txt', 'w')
-    proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO, env=ENV, start_new_session=True)
-    try:
+    with process_group(cmd, base, cwd=REPO, env=ENV) as proc:
         deadline = time.time() + 180
         ticks = lambda c: len((outdir / f'Copepoda__{c}' / 'stats.jsonl').read_text().splitlines()) \
             if (outdir / f'Copepoda__{c}' / 'stats.jsonl').exists() else 0
@@ -121,12 +120,6 @@ def _group_signal_after_ticks(cmd, outdir, base):
         wait_for(2)
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        out.close()
-        err.close()
     return proc.returncode, (base / 'out.txt').read_text(), (base / 'err.txt').read_text()
 
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from stylegan2ada.pickles import load_network_pkl
-from training_helpers import write_zip
+from training_helpers import process_group, write_zip
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--batch', '4', '--zdim', '8', '--cbase', '64', '--cmax', '8', '--map', '2', '--gamma', '0.01', '--mbstd-group', '2',
@@ -55,9 +55,7 @@ def _lines(path):
 
 def _stop_group(cmd, stats_file, sig, tmp_path):
     """Start cmd in its own process group, signal the group after two ticks; (returncode, stdout, stderr)."""
-    out, err = open(tmp_path / 'out.txt', 'w'), open(tmp_path / 'err.txt', 'w')
-    proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO, start_new_session=True, env=ENV)
-    try:
+    with process_group(cmd, tmp_path, cwd=REPO, env=ENV) as proc:
         _wait_for(lambda: len(_lines(stats_file)) >= 2 or proc.poll() is not None, 240, 'two ticks')
         assert proc.poll() is None, (tmp_path / 'err.txt').read_text()[-3000:]
         # A few steps into the third tick (step time from the second tick: 4 images per step).
@@ -68,12 +66,6 @@ def _stop_group(cmd, stats_file, sig, tmp_path):
         proc.wait(timeout=120)
         # The main process ended its workers: nothing of the group survives it.
         _wait_for(lambda: not _group_pids(proc.pid), 30, 'the DataLoader workers to end')
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        out.close()
-        err.close()
     return proc.returncode, (tmp_path / 'out.txt').read_text(), (tmp_path / 'err.txt').read_text()
 
 

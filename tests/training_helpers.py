@@ -1,6 +1,10 @@
 """Tiny datasets and training settings shared by the training tests."""
 
+import contextlib
 import io
+import os
+import signal
+import subprocess
 import zipfile
 
 import numpy as np
@@ -9,6 +13,24 @@ import PIL.Image
 TINY_G = dict(z_dim=8, w_dim=8, mapping_kwargs=dict(num_layers=2), synthesis_kwargs=dict(channel_base=64, channel_max=8))
 TINY_D = dict(channel_base=64, channel_max=8, epilogue_kwargs=dict(mbstd_group_size=2))
 ADAM = dict(lr=0.0025, betas=[0, 0.99], eps=1e-8)
+
+
+@contextlib.contextmanager
+def process_group(
+    cmd,                # the command line
+    folder,             # its output goes to folder/out.txt and folder/err.txt
+    cwd,                # working folder
+    env,                # environment
+):
+    """Run cmd in a session (process group) of its own; a group still running when the block ends is killed."""
+    with open(os.path.join(folder, 'out.txt'), 'w') as out, open(os.path.join(folder, 'err.txt'), 'w') as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=cwd, env=env, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def zip_entry(name):
