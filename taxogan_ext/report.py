@@ -698,6 +698,26 @@ def write_grids(
         written.append(str(path))
     return written
 
+def _detector_features(
+    detector,               # stylegan2ada.metrics Detector
+    images,                 # uint8 numpy [N, C, H, W]
+    device,                 # torch device
+) -> torch.Tensor:
+    """float64 [N, D] features of images, 64 at a time."""
+    return torch.from_numpy(np.concatenate([detector.features(torch.from_numpy(images[i:i + 64]), device)
+                                            for i in range(0, len(images), 64)])).to(torch.float64)
+
+def training_features(
+    data,                   # the training images (dataset zip or folder)
+    detector,               # stylegan2ada.metrics Detector
+    device      = 'cpu',    # torch device
+) -> tuple:
+    """(uint8 [N, C, H, W] images, float64 [N, D] features) of every training image."""
+    dataset = ImageFolderDataset(data, use_labels=False, cache=False)
+    images = np.stack([dataset[i][0] for i in range(len(dataset))])                    # [N, C, H, W]
+    dataset.close()
+    return images, _detector_features(detector, images, device)
+
 def closest_pairs(
     pkl,                    # network pickle (its G_ema)
     data,                   # the training images of its taxon (dataset zip or folder)
@@ -705,19 +725,16 @@ def closest_pairs(
     num         = 64,       # generated images searched (seeds 0..num-1, as the grids draw them)
     pairs       = 6,        # pairs returned
     device      = 'cpu',    # torch device of the generator and the detector
+    training    = None,     # training_features(data, detector) when already computed; None = computed here
 ) -> list[tuple]:
     """The generated images nearest to a training image: [(generated uint8 [C, H, W], nearest training image, distance)],
     closest first (what a reader checks for copies of the few training images)."""
     generated = generated_images(pkl, data, num, device=device)                        # [num, C, H, W]
-    dataset = ImageFolderDataset(data, use_labels=False, cache=False)
-    training = np.stack([dataset[i][0] for i in range(len(dataset))])                  # [N, C, H, W]
-    dataset.close()
-    feats = lambda images: torch.from_numpy(np.concatenate([detector.features(torch.from_numpy(images[i:i + 64]), device)
-                                                             for i in range(0, len(images), 64)])).to(torch.float64)
-    distances = torch.cdist(feats(generated), feats(training))                         # [num, N]
+    images, feats = training if training is not None else training_features(data, detector, device)
+    distances = torch.cdist(_detector_features(detector, generated, device), feats)   # [num, N]
     nearest, index = distances.min(dim=1)
     order = torch.argsort(nearest)[:pairs].tolist()
-    return [(generated[i], training[int(index[i])], float(nearest[i])) for i in order]
+    return [(generated[i], images[int(index[i])], float(nearest[i])) for i in order]
 
 def write_closest_pairs(
     exp_dir,                # experiment folder: closest-<Taxon>.png go here
@@ -729,14 +746,19 @@ def write_closest_pairs(
 ) -> list[str]:
     """Per taxon a grid of each method's closest pairs (generated | nearest training image), in the detector's
     features of its mem metric."""
+    detectors, training = {}, {}        # spec -> Detector; (data, spec) -> training_features: once, not once per method
     written = []
     for taxon, items in entries.items():
         rows, spec = [], None
         for label, record in items:
             spec = record.get('detector') or 'inception'
-            detector = resolve_detector(spec, cache_dir=cache_dir, progress=False)
+            if spec not in detectors:
+                detectors[spec] = resolve_detector(spec, cache_dir=cache_dir, progress=False)
+            if (record['data'], spec) not in training:
+                training[(record['data'], spec)] = training_features(record['data'], detectors[spec], device)
             pkl = Path(record.get('experiment_dir') or exp_dir) / record['pkl']
-            found = closest_pairs(str(pkl), record['data'], detector, num=num, pairs=pairs, device=device)
+            found = closest_pairs(str(pkl), record['data'], detectors[spec], num=num, pairs=pairs, device=device,
+                                  training=training[(record['data'], spec)])
             images = np.stack([image for gen, real, _ in found for image in (gen, real)])
             rows.append((f'{label} (d {found[0][2]:.3g}..{found[-1][2]:.3g})', images))
         path = Path(exp_dir) / CLOSEST_FILE.format(hierarchy._safe(taxon))
