@@ -37,9 +37,6 @@ from .training_stats import StatsCollector
 from .util import UserError, disk_full_as_user_error, format_duration, remove_stale_temp_files, worker_init_ignoring_stop_signals
 
 SNAPSHOT_RE = re.compile(r'^network-snapshot-(\d+)\.pkl$')
-# Metric families whose best value is the highest (accuracy, precision/recall, density/coverage); the others (FID,
-# KID, ...) are distances: lower is better.
-HIGHER_IS_BETTER = ('acc', 'pr', 'dc')
 STOP_CHECK_INTERVAL = 8     # iterations between the processes' agreements on a requested stop (several processes)
 
 
@@ -91,8 +88,7 @@ def best_snapshot(
     values = {name: value for name, value in values.items() if os.path.isfile(os.path.join(run_dir, name))}
     if not values:
         return None, None
-    higher = metric_main.parse_metric_name(metric).family in HIGHER_IS_BETTER
-    name = (max if higher else min)(values, key=values.get)
+    name = (max if metric_main.higher_is_better(metric) else min)(values, key=values.get)
     return name, values[name]
 
 

@@ -141,7 +141,7 @@ def generator_targets(
 # acc_taxon of a generator.
 
 @register_metric('acc', pattern=r'(?:(?P<count>\d+)(?P<kilo>k?))?', default_count=DEFAULT_ACC_COUNT, detector_kind=KIND,
-                 form='acc[<N>[k]]_taxon', example='acc_taxon')
+                 form='acc[<N>[k]]_taxon', example='acc_taxon', higher_is_better=True)
 def _acc(opts, spec):
     """acc_taxon: share of spec.count generated images the classifier assigns to their taxon (options: taxon=NAME)."""
     detector = opts.detector

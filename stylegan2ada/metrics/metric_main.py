@@ -34,7 +34,7 @@ MetricSpec = collections.namedtuple('MetricSpec', ['name', 'family', 'count', 'f
 
 # A registered family: fn(opts, spec) -> dict, and its name grammar (see register_metric).
 MetricFamily = collections.namedtuple('MetricFamily', ['fn', 'pattern', 'default_count', 'detector_kind', 'form', 'example',
-                                                     'plain_detector'])
+                                                     'plain_detector', 'higher_is_better'])
 
 
 class MetricError(UserError):
@@ -52,14 +52,21 @@ def register_metric(
     example         = None,     # an example name for error messages; None = none
     plain_detector  = None,     # the protocol's own detector (e.g. 'vgg16'), used in place of Inception for names
                                 # without a suffix; None = as given
+    higher_is_better = False,   # True for scores (accuracy, precision); False for distances (FID, KID, copy share)
 ):
     """Decorator: register fn(opts, spec) -> dict(results={name: value}, ...) as the metric family `family`."""
     def decorator(fn):
         METRIC_FAMILIES[family] = MetricFamily(fn=fn, pattern=DEFAULT_FORM if pattern is None else pattern,
                                                default_count=default_count, detector_kind=detector_kind, form=form,
-                                               example=example, plain_detector=plain_detector)
+                                               example=example, plain_detector=plain_detector,
+                                               higher_is_better=higher_is_better)
         return fn
     return decorator
+
+
+def higher_is_better(name):
+    """Whether a larger value of metric `name` is better (its family's registration says); MetricError for a bad name."""
+    return METRIC_FAMILIES[parse_metric_name(name).family].higher_is_better
 
 
 def valid_forms():
@@ -242,13 +249,13 @@ def _real_and_generated_rows(opts, spec):
 
 
 @register_metric('pr', pattern=r'(?P<count>\d+)(?P<kilo>k?)3(?P<full>_full)?', form=f'pr<N>[k]3[_full]{SUFFIXES}',
-                 example='pr50k3_full', plain_detector='vgg16')
+                 example='pr50k3_full', plain_detector='vgg16', higher_is_better=True)
 def _pr(opts, spec):
     """Precision and recall with k = 3: results <name>_precision, <name>_recall (the '3' in the name is k)."""
     return _knn_pair(opts, spec, precision_recall, PR_K, ('precision', 'recall'))
 
 
-@register_metric('dc', example='dc10k_full', plain_detector='vgg16')
+@register_metric('dc', example='dc10k_full', plain_detector='vgg16', higher_is_better=True)
 def _dc(opts, spec):
     """Density and coverage with k = 5: results <name>_density, <name>_coverage."""
     return _knn_pair(opts, spec, density_coverage, DC_K, ('density', 'coverage'))
