@@ -171,6 +171,36 @@ def test_fp16_channels_last_blocks_run_in_fp32_on_cpu_and_match_golden(golden_sp
     assert rel_error(G(io['z'], io['c'], noise_mode='const'), io['img_psi1']) < TOL
 
 
+def test_cpu_training_runs_channels_last_and_matches_nchw(golden_spec, monkeypatch):
+    # On the CPU the blocks run channels_last (oneDNN's layout; the training speed-up of docs/benchmarks.md) except
+    # around fused modulated convolutions; outputs and gradients must be those of the same network in NCHW.
+    from stylegan2ada import networks
+    G, D, io = build_golden_networks(golden_spec, 'g32_uncond')
+    G.train(), D.train()
+    layouts = []
+    hook = lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    handles = [G.synthesis.b32.conv1.register_forward_pre_hook(hook), D.b32.conv0.register_forward_pre_hook(hook)]
+
+    def run():
+        ws = io['ws_psi1'].clone().requires_grad_(True)
+        img = G.synthesis(ws, noise_mode='const')
+        logits = D(img, io['c'])
+        grad_ws, grad_w = torch.autograd.grad(logits.sum(), [ws, D.b32.conv0.weight])
+        return img, logits, grad_ws, grad_w
+
+    fast = run()
+    assert layouts == [True, True]
+    G.eval()
+    G.synthesis(io['ws_psi1'], noise_mode='const')                       # fused: the batch folds into the channels
+    assert layouts[2] is False
+    G.train()
+    for handle in handles:
+        handle.remove()
+    monkeypatch.setattr(networks, '_memory_format', lambda *args, **kwargs: torch.contiguous_format)
+    for name, a, b in zip(['img', 'logits', 'grad_ws', 'grad_w'], fast, run()):
+        assert rel_error(a, b) < 1e-5, name
+
+
 def test_gpu_parity_script_passes_on_cpu_and_fails_above_its_tolerance():
     # bench/cuda_parity.py is the first step of `make gpu-check`; on the CPU it must give what the tests above give.
     script = [sys.executable, str(REPO / 'bench' / 'cuda_parity.py'), '--device', 'cpu', '--impls', 'ref,fast']
