@@ -139,6 +139,12 @@ MUTANTS = (
     Mutant('dedup-exact', 'taxogan_ext/collection.py',
            "first_by_content[facts['content']] = record.source", 'pass',
            ('tests/test_dataset_tool.py',), 'exact copies reported as near duplicates, or kept without a near check'),
+    Mutant('tall-columns-short', 'taxogan_ext/collection.py',
+           'return max(first - 1, 0), min(last + 2, out_size)', 'return max(first + 1, 0), min(last + 2, out_size)',
+           ('tests/test_dataset_tool.py',), 'a tall image\'s first column next to the padding taken as padding'),
+    Mutant('cpu-layout-nchw', 'stylegan2ada/networks.py',
+           "if device.type == 'cpu' and not fused_modconv:", 'if False:',
+           ('tests/test_networks.py',), 'CPU training back on NCHW, the slower layout'),
     # Resume and G_ema.
     Mutant('resume-drops-augment-p', 'stylegan2ada/training_loop.py',
            "if augment_pipe is not None and progress.get('augment_p') is not None:",

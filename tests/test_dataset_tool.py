@@ -734,14 +734,22 @@ def test_jpeg_draft_follows_exif_rotation(tmp_path):
         out[draft] = np.asarray(Image.open(task['stage'])).astype(np.float64)
     assert np.abs(out[True] - out[False]).mean() <= 1.0
 
-def test_wide_images_resize_to_the_same_pixels(tmp_path):
-    # square_resized skips the row pass over the padded rows of a wide image: bit-identical to pad + resize.
+def test_wide_and_tall_images_resize_to_the_same_pixels(tmp_path):
+    # square_resized skips the row pass over the padded rows of a wide image and over the padded columns of a tall
+    # one: bit-identical to pad + resize, for smooth and noisy images (noise next to the padding is the hard case).
     rng = np.random.default_rng(5)
-    for w, h, mode in [(900, 400, 'RGB'), (513, 512, 'L'), (400, 900, 'RGB'), (300, 300, 'RGB')]:
-        arr = rng.integers(0, 256, (h // 4, w // 4) + ((3,) if mode == 'RGB' else ()), dtype=np.uint8)
-        img = Image.fromarray(arr).resize((w, h), Image.BICUBIC)
-        expected = collection.to_square(img, 'pad').resize((256, 256), Image.Resampling.LANCZOS)
-        assert np.array_equal(np.asarray(collection.square_resized(img, 'pad', 256)), np.asarray(expected))
+    sizes = [(900, 400, 'RGB', 256), (513, 512, 'L', 256), (400, 900, 'RGB', 256), (300, 300, 'RGB', 256),
+             (1, 700, 'RGB', 256), (3, 300, 'L', 256), (511, 512, 'RGB', 256), (257, 1999, 'L', 64), (600, 601, 'RGB', 32)]
+    sizes += [(int(rng.integers(1, h)), h, 'RGB' if i % 2 else 'L', 256) for i, h in enumerate(rng.integers(257, 1200, 12))]
+    for i, (w, h, mode, res) in enumerate(sizes):
+        channels = (3,) if mode == 'RGB' else ()
+        if i % 3 == 0:
+            img = Image.fromarray(rng.integers(0, 256, (h, w) + channels, dtype=np.uint8))
+        else:
+            arr = rng.integers(0, 256, (max(h // 4, 1), max(w // 4, 1)) + channels, dtype=np.uint8)
+            img = Image.fromarray(arr).resize((w, h), Image.BICUBIC)
+        expected = collection.to_square(img, 'pad').resize((res, res), Image.Resampling.LANCZOS)
+        assert np.array_equal(np.asarray(collection.square_resized(img, 'pad', res)), np.asarray(expected)), (w, h, mode)
 
 def test_zip_entries_are_pillows_png_of_their_pixels(tmp_path):
     # The zips' bytes are the manifest's SHA-256s, and those are every trained stage's fingerprint: the same photos must
