@@ -527,9 +527,9 @@ def _image_columns(
     start:      int,                    # first input column of the image
     width:      int,                    # input columns of the image
 ) -> tuple[int, int]:
-    """[j0, j1): the output columns of a Lanczos downscale whose input window (as Pillow computes it) meets the image."""
-    scale = size / out_size             # > 1: a downscale, so the filter widens by `scale`
-    support = 3.0 * scale               # Lanczos's support of 3, in input pixels
+    """[j0, j1): the output columns of a Lanczos resize whose input window (as Pillow computes it) meets the image."""
+    scale = size / out_size             # input pixels per output pixel
+    support = 3.0 * max(scale, 1.0)     # Lanczos's support of 3, widened by the scale when downscaling (as Pillow)
 
     def meets(j):
         center = (j + 0.5) * scale

@@ -739,7 +739,8 @@ def test_wide_and_tall_images_resize_to_the_same_pixels(tmp_path):
     # one: bit-identical to pad + resize, for smooth and noisy images (noise next to the padding is the hard case).
     rng = np.random.default_rng(5)
     sizes = [(900, 400, 'RGB', 256), (513, 512, 'L', 256), (400, 900, 'RGB', 256), (300, 300, 'RGB', 256),
-             (1, 700, 'RGB', 256), (3, 300, 'L', 256), (511, 512, 'RGB', 256), (257, 1999, 'L', 64), (600, 601, 'RGB', 32)]
+             (1, 700, 'RGB', 256), (3, 300, 'L', 256), (511, 512, 'RGB', 256), (257, 1999, 'L', 64), (600, 601, 'RGB', 32),
+             (50, 100, 'RGB', 256), (7, 200, 'L', 256), (90, 255, 'RGB', 256)]                  # upscaled
     sizes += [(int(rng.integers(1, h)), h, 'RGB' if i % 2 else 'L', 256) for i, h in enumerate(rng.integers(257, 1200, 12))]
     for i, (w, h, mode, res) in enumerate(sizes):
         channels = (3,) if mode == 'RGB' else ()
