@@ -983,12 +983,12 @@ def write_datasets(
     """Write one zip per taxon (file names in source order), then DEST/manifest.json; returns the manifest."""
     dest = Path(options.dest)
     files = [(f'img{k:08d}.png', image) for k, image in enumerate(images)]
-    taxa = _taxa_entries(taxonomy.build_tree([(image.record.path, image.record.source) for image in images],
+    taxa = taxa_entries(taxonomy.build_tree([(image.record.path, image.record.source) for image in images],
                                              list(options.ranks)))
     hashes = write_zips(dest, taxa, [(file, image.record.path, image.staged) for file, image in files])
     listing = [dict(file=file, source=image.record.source, taxon=image.record.path[-1], sha256=image.facts['content'])
                for file, image in files]
-    data = _manifest_data(taxa, hashes, options.manifest_options(fmt), channels, dropped, dict(images=listing))
+    data = manifest_data(taxa, hashes, options.manifest_options(fmt), channels, dropped, dict(images=listing))
     write_json_atomic(dest / taxonomy.MANIFEST_NAME, data)
     return taxonomy.manifest_from_dict(data, dest)
 
@@ -1033,8 +1033,8 @@ def build_datasets(
 def _print_plan(placed: Sifted, num_records: int, options: BuildOptions, fmt: str, log) -> None:
     """The dry run's report: the taxa and counts before the image checks, and the files a build would write."""
     source, dest = Path(options.source), Path(options.dest)
-    taxa = _taxa_entries(taxonomy.build_tree([(r.path, r.source) for r in placed.kept], list(options.ranks)))
-    plan = taxonomy.manifest_from_dict(_manifest_data(taxa, {}, dict(ranks=list(options.ranks), resolution=0), 0,
+    taxa = taxa_entries(taxonomy.build_tree([(r.path, r.source) for r in placed.kept], list(options.ranks)))
+    plan = taxonomy.manifest_from_dict(manifest_data(taxa, {}, dict(ranks=list(options.ranks), resolution=0), 0,
                                                      placed.dropped, {}), dest)
     log(f'dry run: {num_records} images listed in {source} ({fmt}); {len(placed.kept)} candidates '
         f'(counts before the image checks: size, readability, duplicates, --max-per-taxon)')
@@ -1071,7 +1071,7 @@ def _check_dest(dest: Path) -> None:
     except OSError as e:
         raise CollectionError(f'{dest}: destination is not writable: {e.strerror or e}') from None
 
-def _taxa_entries(tree: dict) -> dict:
+def taxa_entries(tree: dict) -> dict:
     """Tree-ordered taxa with their label lists, from build_tree's output."""
     ordered = {}
     def visit(name):
@@ -1089,8 +1089,8 @@ def _taxa_entries(tree: dict) -> dict:
         visit(root)
     return ordered
 
-def _manifest_data(
-    taxa:       dict,                   # _taxa_entries'
+def manifest_data(
+    taxa:       dict,                   # taxa_entries'
     hashes:     dict,                   # taxon -> SHA-256 of its zip ('' where missing)
     config:     dict,                   # the options as recorded (ranks and resolution at least)
     channels:   int,

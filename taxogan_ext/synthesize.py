@@ -491,14 +491,14 @@ def write_datasets_format(
     ranks = list(manifest.ranks[:max(len(e['path']) for e in entries)])
     paths = [(tuple(e['path']), e['file']) for e in entries]
     try:
-        taxa = collection._taxa_entries(taxonomy.build_tree(paths, ranks))
+        taxa = collection.taxa_entries(taxonomy.build_tree(paths, ranks))
     except ValueError as exc:
         raise SynthesisError(f'{manifest.root}: {exc}') from None
     hashes = collection.write_zips(folder, taxa, [(e['file'], tuple(e['path']), e['staged']) for e in entries])
     listing = [{k: v for k, v in e.items() if k not in ('staged', 'path')} for e in entries]
     config = dict(ranks=ranks, resolution=resolution, source=str(manifest.root), synthesis=SYNTHESIS_FILE,
                   options=options.record())
-    data = collection._manifest_data(taxa, hashes, config, channels, [], dict(images=listing))
+    data = collection.manifest_data(taxa, hashes, config, channels, [], dict(images=listing))
     write_json_atomic(folder / taxonomy.MANIFEST_NAME, data)
 
 def write_tree_format(folder: Path, entries: list[dict]) -> None:
