@@ -382,19 +382,18 @@ def _one_line(error) -> str:
 def border_colour(img: Image.Image) -> tuple | int:
     """Per-channel median of the image's outermost pixels: the microscope background."""
     w, h = img.size
-    if w > 2 and h > 2:
-        # The four edges only (a copy of the whole image into NumPy cost 5 % of a build).
-        strips = [img.crop(box) for box in ((0, 0, w, 1), (0, h - 1, w, h), (0, 1, 1, h - 1), (w - 1, 1, w, h - 1))]
-        frame = np.concatenate([np.asarray(s).reshape(-1, len(img.getbands())) for s in strips], axis=0)
-    else:
-        arr = np.asarray(img)
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        frame = np.concatenate([arr[0], arr[-1], arr[1:-1, 0], arr[1:-1, -1]], axis=0)     # [border pixels, C]
+    # The four edges only: a copy of the whole image into NumPy cost 5 % of a build.
+    edges = [img.crop(box) for box in ((0, 0, w, 1), (0, h - 1, w, h), (0, 0, 1, h), (w - 1, 0, w, h))]
+    top, bottom, left, right = (np.asarray(e).reshape(-1, len(img.getbands())) for e in edges)     # [pixels, C]
+    frame = np.concatenate([top, bottom, left[1:-1], right[1:-1]], axis=0)                       # [border pixels, C]
     colour = tuple(int(v) for v in np.round(np.median(frame, axis=0)))
     return colour[0] if len(colour) == 1 else colour
 
-def to_square(img: Image.Image, square: str) -> Image.Image:
+def to_square(
+    img:        Image.Image,
+    square:     str,                    # SQUARE_MODES
+    colour      = None,                 # padding colour; None: border_colour(img)
+) -> Image.Image:
     """Square the image: pad with its border colour, crop the centre, or leave it for stretching."""
     w, h = img.size
     if w == h or square == 'stretch':
@@ -405,7 +404,7 @@ def to_square(img: Image.Image, square: str) -> Image.Image:
         return img.crop((left, top, left + s, top + s))
     if square == 'pad':
         s = max(w, h)
-        canvas = Image.new(img.mode, (s, s), border_colour(img))
+        canvas = Image.new(img.mode, (s, s), border_colour(img) if colour is None else colour)
         canvas.paste(img, ((s - w) // 2, (s - h) // 2))
         return canvas
     raise ValueError(f'unknown square mode {square!r}')
@@ -513,8 +512,7 @@ def square_resized(
     # Tall image: the output columns whose filter window lies in the left or right padding are one colour; the row
     # pass computes the others only (resize's box: Pillow's coefficients for those columns, unchanged).
     colour = border_colour(img)
-    canvas = Image.new(img.mode, (s, s), colour)
-    canvas.paste(img, ((s - w) // 2, 0))
+    canvas = to_square(img, 'pad', colour)
     j0, j1 = _image_columns(s, resolution, (s - w) // 2, w)
     scale = s / resolution
     middle = Image.new(img.mode, (resolution, s), colour)
