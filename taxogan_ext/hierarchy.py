@@ -147,7 +147,8 @@ class Plan:
 #----------------------------------------------------------------------------
 # Building a plan.
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """A taxon or file stem as a file-name part: anything but letters, digits and ._()+- becomes _."""
     return re.sub(r'[^A-Za-z0-9._()+-]', '_', name)
 
 def parse_metrics(text, option: str = '--metrics') -> list[str]:
@@ -259,9 +260,9 @@ class _StageBook:
     def root_stage(self, taxon: str, cond: bool = False) -> str:
         """The stage that starts a chain on `taxon`: from scratch, or from --resume."""
         m, resume_pkl = self.manifest, self.resume_pkl
-        name = _safe(taxon + ('-cond' if cond else ''))
+        name = safe_name(taxon + ('-cond' if cond else ''))
         start_kind = 'scratch' if resume_pkl is None else 'pickle'
-        key = name if resume_pkl is None else f'from-{_safe(Path(resume_pkl).stem)}__{name}'
+        key = name if resume_pkl is None else f'from-{safe_name(Path(resume_pkl).stem)}__{name}'
         method = 'conditional' if cond else ('direct' if resume_pkl is None else 'finetune')
         return self._add(key, taxon=taxon, method=method, source=(taxon if cond else None), origin=self.origin,
                          chain=(taxon,), data=str(m.dataset_path(taxon)), data_sha256=m.sha256(taxon),
@@ -273,7 +274,7 @@ class _StageBook:
     def child_stage(self, start_key: str, taxon: str, method: str, source: str) -> str:
         """The stage that trains `taxon` from the final network of stage `start_key`."""
         m = self.manifest
-        return self._add(f'{start_key}__{_safe(taxon)}', taxon=taxon, method=method, source=source, origin=self.origin,
+        return self._add(f'{start_key}__{safe_name(taxon)}', taxon=taxon, method=method, source=source, origin=self.origin,
                          chain=self.fields[start_key]['chain'] + (taxon,), data=str(m.dataset_path(taxon)),
                          data_sha256=m.sha256(taxon), num_images=m.num_images(taxon), cond=False, start_kind='stage',
                          start=start_key, kimg=float(self.kimg_child), train_options=self._stage_options('stage'),
@@ -281,7 +282,7 @@ class _StageBook:
 
     def child_as_class(self, cond_key: str, target: str, up: str, labels: list[str]) -> Evaluation:
         """The evaluation of conditional stage `cond_key` on `target`, one class of its parent `up` (added once)."""
-        derived = DerivedData(path=os.path.join(self.derived_dir, f'{_safe(target)}-as-{_safe(up)}-class.zip'),
+        derived = DerivedData(path=os.path.join(self.derived_dir, f'{safe_name(target)}-as-{safe_name(up)}-class.zip'),
                               source=str(self.manifest.dataset_path(target)), source_sha256=self.manifest.sha256(target),
                               label_names=tuple(labels), label=labels.index(target))
         ev = Evaluation(taxon=target, data=derived.path, num_images=self.manifest.num_images(target), derived=derived)
@@ -292,7 +293,7 @@ class _StageBook:
     def conditional_finetune_stage(self, cond_key: str, ev: Evaluation, up: str) -> str:
         """The stage that fine-tunes conditional stage `cond_key` on the child of evaluation `ev` (labelled as its class)."""
         target, derived = ev.taxon, ev.derived
-        return self._add(f'{cond_key}__{_safe(target)}', taxon=target, method='conditional-ft', source=up,
+        return self._add(f'{cond_key}__{safe_name(target)}', taxon=target, method='conditional-ft', source=up,
                          origin=self.origin, chain=self.fields[cond_key]['chain'] + (target,), data=derived.path,
                          data_sha256=derived.source_sha256, num_images=ev.num_images, cond=True, start_kind='stage',
                          start=cond_key, kimg=float(self.kimg_child), train_options=self._stage_options('stage'),

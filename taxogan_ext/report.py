@@ -681,7 +681,7 @@ def write_grids(
         for label, record in items:
             pkl = Path(record.get('experiment_dir') or base_dir or exp_dir) / record['pkl']
             rows.append((label, generated_images(str(pkl), record['data'], num, device=device)))
-        path = Path(exp_dir) / GRID_FILE.format(hierarchy._safe(taxon))
+        path = Path(exp_dir) / GRID_FILE.format(hierarchy.safe_name(taxon))
         _save_png(compose_grid(rows, title=f'{taxon} ({items[0][1].get("num_images", "?")} images): real, then generated'), path)
         written.append(str(path))
         blocks[taxon] = {label: images[:overview] for label, images in rows}
@@ -761,7 +761,7 @@ def write_closest_pairs(
                                   training=training[(record['data'], spec)])
             images = np.stack([image for gen, real, _ in found for image in (gen, real)])
             rows.append((f'{label} (d {found[0][2]:.3g}..{found[-1][2]:.3g})', images))
-        path = Path(exp_dir) / CLOSEST_FILE.format(hierarchy._safe(taxon))
+        path = Path(exp_dir) / CLOSEST_FILE.format(hierarchy.safe_name(taxon))
         _save_png(compose_grid(rows, title=f'{taxon}: the {pairs} generated images (of {num}) nearest to a training image, '
                                            f'each beside it ({detector_label(spec)} features)'), path)
         written.append(str(path))

@@ -18,7 +18,6 @@ import hashlib
 import io
 import math
 import os
-import re
 import shutil
 import tempfile
 import zipfile
@@ -317,9 +316,6 @@ def _write_png(path: Path, data: bytes) -> None:
     with atomic_write(path, 'wb') as f:
         f.write(data)
 
-def _safe(name: str) -> str:
-    return re.sub(r'[^A-Za-z0-9._()+-]', '_', name)
-
 def _work_key(target: Target, options: SynthesisOptions, taxon_filter: TaxonFilter | None) -> dict:
     """What a taxon's staged candidates depend on; staged blocks made with another key are discarded."""
     return dict(format=WORK_FORMAT, taxon=target.taxon, sha256=target.sha256, label=target.label,
@@ -393,7 +389,7 @@ def make_candidates(
     log,
 ) -> tuple[list[dict], dict]:
     """The kept images of a taxon [{candidate, seed, sha256, p, staged}] and its filter summary; reuses staged blocks."""
-    staging = _Staging(work / _safe(target.taxon), _work_key(target, options, taxon_filter))
+    staging = _Staging(work / hierarchy.safe_name(target.taxon), _work_key(target, options, taxon_filter))
     limit = target.num if taxon_filter is None else math.ceil(options.max_tries_factor * target.num)
     kept, tried, rejected = [], 0, []
     block = 0
@@ -430,7 +426,7 @@ def make_candidates(
 def _real_images(target: Target, manifest: taxonomy.Manifest, work: Path) -> list[dict]:
     """The taxon's real images, extracted from its dataset zip into the staging folder (sorted by name)."""
     out = []
-    folder = work / '_real' / _safe(target.taxon)
+    folder = work / '_real' / hierarchy.safe_name(target.taxon)
     folder.mkdir(parents=True, exist_ok=True)
     zip_path = manifest.dataset_path(target.taxon)
     try:
@@ -442,7 +438,7 @@ def _real_images(target: Target, manifest: taxonomy.Manifest, work: Path) -> lis
         for name in names:
             data = zf.read(name)
             stem, ext = os.path.splitext(name.replace('/', '_'))
-            file = f'{REAL_PREFIX}{_safe(target.taxon)}-{stem}{ext.lower()}'
+            file = f'{REAL_PREFIX}{hierarchy.safe_name(target.taxon)}-{stem}{ext.lower()}'
             staged = folder / file
             _write_png(staged, data)
             out.append(dict(file=file, taxon=target.taxon, path=list(target.path), synthetic=False, source=name,
@@ -458,7 +454,7 @@ def image_entries(
     entries = []
     for target in targets:
         for k, item in enumerate(kept[target.taxon]):
-            entries.append(dict(file=f'{SYNTHETIC_PREFIX}{_safe(target.taxon)}-{k:06d}.png', taxon=target.taxon,
+            entries.append(dict(file=f'{SYNTHETIC_PREFIX}{hierarchy.safe_name(target.taxon)}-{k:06d}.png', taxon=target.taxon,
                                 path=list(target.path), synthetic=True, generator=target.sha256, label=target.label,
                                 seed=item['seed'], candidate=item['candidate'], p=item['p'], sha256=item['sha256'],
                                 staged=item['staged']))
